@@ -1,0 +1,165 @@
+"""``mlxft``: a thin click shell. Each command parses, calls one API function, prints.
+
+Results go to stdout (``--json`` for machines); logs and progress go to stderr. ``MlxftError``s
+become clean messages: exit 2 for bad input the user can fix, 1 for everything else.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from mlx_ft.errors import MlxftError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # mlxft never downloads; make any attempt fail fast
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def log(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+def errors(fn):
+    """Turn MlxftError into a one-paragraph message and its exit code; no traceback for users."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except MlxftError as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(e.exit_code)
+
+    return wrapper
+
+
+def emit(data, as_json: bool, text: str) -> None:
+    click.echo(json.dumps(data, indent=2, default=str) if as_json else text)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mlxft")
+def main() -> None:
+    """Fine-tune with mlx-lm, evaluate every checkpoint on tool calls, pick the best by eval
+    score (not validation loss), fuse and quantize it.
+
+    \b
+    Typical run:
+      mlxft train -c configs/demo.yaml
+      mlxft eval --prompts evals/tools.yaml --run runs/demo
+      mlxft pick-best --run runs/demo
+      mlxft fuse --run runs/demo --bits 5
+      mlxft report --run runs/demo
+    """
+
+
+@main.command("import-gguf")
+@click.argument("gguf", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--dtype", type=click.Choice(["native", "float32", "float16", "bfloat16"]), default="float32",
+              show_default=True,
+              help="Store dequantized weights in this dtype, or 'native' to keep the GGUF's 4/8-bit weights. "
+                   "float32 trains ~20x faster on a Linux CPU with OpenBLAS (quantized kernels use no BLAS).")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the import report as JSON.")
+@errors
+def import_gguf_cmd(gguf: Path, out: Path, dtype: str, force: bool, as_json: bool) -> None:
+    """Convert a llama-architecture GGUF file into an MLX model folder (strictly verified)."""
+    from mlx_ft.gguf import import_gguf
+
+    report = import_gguf(gguf, out, dtype=dtype, force=force, log=log)
+    emit(report, as_json, f"{out}: {report['tensors']} tensors, {report['parameters']:,} parameters, "
+                          f"answer to the probe: {report['verified_answer']!r}")
+
+
+TRAIN_KEYS = ("name", "model", "data", "runs_dir", "fine_tune_type", "num_layers", "learning_rate", "iters",
+              "batch_size", "grad_accumulation", "seed", "max_seq_length", "save_every", "eval_suite")
+
+
+@main.command()
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="YAML training config; flags below override its keys.")
+@click.option("--name", help="Run name: output goes to RUNS_DIR/NAME.")
+@click.option("--model", help="Local MLX model folder. Default: the embedded SmolLM2-135M-Instruct.")
+@click.option("--data", help="Folder with train.jsonl and valid.jsonl (mlx-lm chat format).")
+@click.option("--runs-dir", help="Where run folders go (default runs).")
+@click.option("--fine-tune-type", type=click.Choice(["lora", "dora", "full"]))
+@click.option("--num-layers", type=int, help="Layers to adapt, counted from the top (-1: all).")
+@click.option("--learning-rate", "--lr", "learning_rate", type=float)
+@click.option("--iters", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--grad-accumulation", type=int)
+@click.option("--seed", type=int, help="PRNG seed (0 is a seed).")
+@click.option("--seeds", help="Comma-separated seeds: one run per seed, named NAME-sSEED.")
+@click.option("--max-seq-length", type=int)
+@click.option("--save-every", type=int, help="Write a checkpoint every N steps (and at the last step).")
+@click.option("--eval-suite", help="Eval suite whose system prompt must match the training data's.")
+@click.option("--mask-prompt/--no-mask-prompt", default=None, help="Train only on the answer (default on).")
+@click.option("--allow-truncation", is_flag=True, default=None,
+              help="Train even if some answers would be cut by max_seq_length.")
+@click.option("--smoke", is_flag=True, help="Run a few steps in a scratch folder; fail unless the loss falls.")
+@click.option("--smoke-steps", type=int, default=6, show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from the last complete checkpoint of the run.")
+@click.option("--force", is_flag=True, help="Delete an existing run folder of the same name first.")
+@click.option("--json", "as_json", is_flag=True)
+@errors
+def train(config_path, seeds, smoke, smoke_steps, resume, force, as_json, mask_prompt, allow_truncation, **flags):
+    """Train with mlx-lm, writing a loadable checkpoint every --save-every steps.
+
+    Before the first step: data schema, lengths vs max_seq_length, trainable parameters. During
+    training: NaN/divergence guard. Output: RUNS_DIR/NAME/{run.json, metrics.jsonl,
+    checkpoints/step_NNNNNN/}.
+    """
+    from mlx_ft import train as trainmod
+
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    if mask_prompt is not None:
+        overrides["mask_prompt"] = mask_prompt
+    if allow_truncation:
+        overrides["allow_truncation"] = True
+    cfg = trainmod.load_config(config_path, overrides)
+    if smoke:
+        result = trainmod.smoke(cfg, smoke_steps, log)
+        emit(result, as_json, f"smoke test passed: loss {result['loss_first']} -> {result['loss_last']} "
+                              f"over {result['steps']} steps")
+        return
+    configs = [cfg]
+    if seeds:
+        import dataclasses
+
+        try:
+            values = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{seeds!r}: expected integers like 1,2,3", param_hint="--seeds") from None
+        configs = [dataclasses.replace(cfg, seed=s, name=f"{cfg.name}-s{s}") for s in values]
+    results = []
+    for c in configs:
+        summary = trainmod.train(c, log=log, resume=resume, force=force)
+        results.append({"run": str(c.run_dir), "status": summary["status"], "checkpoints": summary["checkpoints"],
+                        "train_seconds": summary["train_seconds"], "loss_start_end": summary.get("loss_start_end")})
+    emit(results if seeds else results[0], as_json,
+         "\n".join(f"{r['run']}: {r['status']}, {len(r['checkpoints'])} checkpoints, {r['train_seconds']} s"
+                   for r in results))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def doctor(as_json: bool) -> None:
+    """Backend, versions, measured matmul speed, and what to fix if it is slow."""
+    from mlx_ft.doctor import diagnose, format_report
+
+    report = diagnose()
+    emit(report, as_json, format_report(report))
+
+
+def _register_later_commands() -> None:
+    """Commands whose modules are heavy import lazily inside their own functions."""
+    from mlx_ft import cli_eval  # noqa: F401  (registers eval, pick-best, fuse, report)
+
+
+_register_later_commands()
