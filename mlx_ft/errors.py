@@ -60,5 +60,5 @@ class WrongModelError(ServerError):
     """The server answering is not provably serving the model we meant."""
 
 
-class EvalError(MlxftError):
-    """Evaluation results are missing or inconsistent."""
+class EvalError(UserError):
+    """Evaluation results are missing or inconsistent (fixable by running the eval)."""

@@ -226,6 +226,8 @@ def verify_model(folder: str | Path) -> dict:
     """Strict load (no missing or unexpected weights) and a greedy answer to a known question."""
     from mlx.utils import tree_flatten
     from mlx_lm.generate import generate
+
+    from mlx_ft.fingerprint import fingerprint_model
     from mlx_lm.utils import load
 
     try:
@@ -240,4 +242,5 @@ def verify_model(folder: str | Path) -> dict:
             "expected Paris -- the conversion is wrong (RoPE layout, tokenizer or weights)"
         )
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
-    return {"verified_answer": answer.strip(), "parameters": int(n_params)}
+    return {"verified_answer": answer.strip(), "parameters": int(n_params),
+            "fingerprint": fingerprint_model(model, tok)}

@@ -138,8 +138,13 @@ def _literal(node: ast.AST) -> Any:
 
 
 def _norm(v: Any) -> Any:
+    """Compare values as a user would: '7' == 7, surrounding quotes and spaces ignored."""
     if isinstance(v, str):
-        return v.strip().strip("'\"").strip()
+        v = v.strip().strip("'\"").strip()
+        try:
+            return float(v)
+        except ValueError:
+            return v
     if isinstance(v, bool):
         return v
     if isinstance(v, (int, float)):

@@ -40,6 +40,7 @@ HOST = "127.0.0.1"
 CHECK_ADDRS = (("127.0.0.1", socket.AF_INET), ("0.0.0.0", socket.AF_INET), ("::1", socket.AF_INET6),
                ("::", socket.AF_INET6))
 BIND_FAILURE = "Address already in use"
+RETRIES = 4
 
 Launcher = Callable[..., subprocess.Popen]
 
@@ -236,10 +237,16 @@ class Server:
         if logprobs:
             body["logprobs"] = True
         t = time.perf_counter()
-        try:
-            r = self.client.post("/v1/chat/completions", json=body)
-        except httpx.TransportError as e:
-            return Reply(None, None, None, None, time.perf_counter() - t, error=f"{type(e).__name__}: {e}")
+        for attempt in range(RETRIES + 1):
+            try:
+                r = self.client.post("/v1/chat/completions", json=body)
+                break
+            except httpx.TransportError as e:
+                # http.server listens with a backlog of 5 and closes every connection (HTTP/1.0), so a
+                # burst of concurrent requests can be reset. Greedy requests are safe to repeat.
+                if attempt == RETRIES or not self.alive():
+                    return Reply(None, None, None, None, time.perf_counter() - t, error=f"{type(e).__name__}: {e}")
+                time.sleep(0.2 * (attempt + 1))
         latency = time.perf_counter() - t
         if r.status_code != 200:
             return Reply(None, None, None, None, latency, error=f"HTTP {r.status_code}: {r.text[:200]}")

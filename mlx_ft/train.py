@@ -486,21 +486,32 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def smoke(cfg: TrainConfig, steps: int, log: Callable[[str], None]) -> dict:
-    """A few real steps in a scratch run folder; fails unless the training loss falls."""
+    """A few real steps in a scratch folder; fails unless the training loss falls.
+
+    The loss is compared on a *fixed* set of training examples (scored before and after), not on
+    the per-step batch losses, whose batch-to-batch noise could fake a fall or hide one."""
+    import shutil
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="mlxft-smoke-") as tmp:
-        scfg = dataclasses.replace(cfg, runs_dir=tmp, iters=steps, save_every=steps)
+        rows = datamod.load_chat_jsonl(datamod.split_path(cfg.data, "train"))
+        fixed = rows[: max(2 * cfg.batch_size, 1)]
+        data = Path(tmp) / "data"
+        data.mkdir()
+        shutil.copy(datamod.split_path(cfg.data, "train"), data / "train.jsonl")
+        (data / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fixed), encoding="utf-8")
+        scfg = dataclasses.replace(cfg, runs_dir=str(Path(tmp) / "runs"), data=str(data), iters=steps,
+                                   save_every=steps, eval_suite=None)
         train(scfg, log=log)
-        rows = [r for r in read_jsonl(Path(tmp) / cfg.name / "metrics.jsonl") if "train_loss" in r]
-    losses = [r["train_loss"] for r in rows]
-    k = max(1, len(losses) // 4)
-    head, tail = _mean(losses[:k]), _mean(losses[-k:])
-    result = {"steps": steps, "loss_first": round(head, 4), "loss_last": round(tail, 4), "passed": tail < head}
-    if not tail < head:
+        rows = read_jsonl(scfg.run_dir / "metrics.jsonl")
+    before = rows[0]["val_loss"]
+    after = next(r["val_loss"] for r in reversed(rows) if "val_loss" in r)
+    result = {"steps": steps, "examples": len(fixed), "loss_first": round(before, 4), "loss_last": round(after, 4),
+              "passed": after < before}
+    if not after < before:
         raise TrainingError(
-            f"smoke test failed: training loss did not fall over {steps} steps ({head:.3f} -> {tail:.3f}); "
-            "raise learning_rate or check that the data and trainable layers are right"
+            f"smoke test failed: training loss on {len(fixed)} fixed training examples did not fall over {steps} "
+            f"steps ({before:.4f} -> {after:.4f}); raise learning_rate or check the data and trainable layers (seed 001)"
         )
     return result
 

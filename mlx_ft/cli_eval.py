@@ -1,0 +1,75 @@
+"""CLI commands after training: eval, pick-best, fuse, report (thin shells over the API)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mlx_ft.cli import emit, errors, log, main
+from mlx_ft.tables import excerpt, pct, table
+
+
+def eval_tables(records: list[dict]) -> str:
+    """Per-prompt table (one column per target) and per-category table, like seed 004's."""
+    if not records:
+        return "nothing evaluated"
+    names = [r["target"]["name"] for r in records]
+    by_id = [{x["id"]: x for x in r["results"]} for r in records]
+    first = records[0]["results"]
+    if len(records) == 1:
+        rows = [[x["id"], x["category"], x["value"], "yes" if x["passed"] else "no", x["code"],
+                 f"{x['latency_s']:.1f}s", excerpt(x["text"])] for x in first]
+        prompt_table = table(["prompt", "category", "score", "pass", "code", "time", "output"], rows)
+    else:
+        rows = [[x["id"]] + [f"{m[x['id']]['value']:.1f} {m[x['id']]['code']}" for m in by_id] for x in first]
+        prompt_table = table(["prompt"] + names, rows)
+    cats = list(records[0]["summary"]["categories"])
+    cat_rows = [[c] + [pct(r["summary"]["categories"][c]["score"]) for r in records] for c in cats]
+    cat_rows.append(["overall"] + [pct(r["summary"]["score"]) for r in records])
+    cat_rows.append(["strict pass"] + [pct(r["summary"]["pass_rate"]) for r in records])
+    cat_table = table(["category"] + names, cat_rows)
+    return f"{prompt_table}\n\n{cat_table}"
+
+
+@main.command("eval")
+@click.option("--prompts", "--suite", "suite_path", type=click.Path(dir_okay=False, path_type=Path),
+              default="evals/tools.yaml", show_default=True, help="Eval suite YAML (format: README).")
+@click.option("--run", "run_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Evaluate the run's base model (step 0) and every complete checkpoint.")
+@click.option("--model", help="Model folder to evaluate (default: the embedded model).")
+@click.option("--adapter", type=click.Path(file_okay=False, path_type=Path), help="Checkpoint folder to apply.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Where results go for --model/--adapter (default: next to the target).")
+@click.option("--port", type=int, help="Port for the server (default: a free one). A taken port is refused.")
+@click.option("--concurrency", type=int, default=32, show_default=True, help="Concurrent requests per target.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted eval, keeping finished prompts.")
+@click.option("--force", is_flag=True, help="Re-evaluate targets that already have results.")
+@click.option("--json", "as_json", is_flag=True, help="Print all results as JSON.")
+@errors
+def eval_cmd(suite_path, run_dir, model, adapter, out, port, concurrency, resume, force, as_json):
+    """Score targets on a tool-call suite through an isolated mlx_lm.server.
+
+    Results: RUN/evals/<checkpoint>/<suite>.json (every prompt's raw text, score, strict pass,
+    failure code, tokens, latency; totals per suite and category).
+    """
+    from mlx_ft.errors import UserError
+    from mlx_ft.evaluate import evaluate, run_targets, single_target
+    from mlx_ft.suite import load_suite
+
+    suite = load_suite(suite_path)
+    if port is not None and not 1 <= port <= 65535:
+        raise UserError(f"--port {port} is out of range; use 1-65535, or leave it out to pick a free port")
+    if run_dir and (model or adapter):
+        raise UserError("give either --run or --model/--adapter, not both")
+    targets = run_targets(run_dir) if run_dir else [single_target(model, adapter, out)]
+    records = evaluate(targets, suite, port=port, resume=resume, force=force, concurrency=concurrency, log=log,
+                       log_dir=Path(run_dir) if run_dir else None)
+    emit(records, as_json, eval_tables(records))
+
+
+def _register() -> None:
+    from mlx_ft import cli_select  # noqa: F401
+
+
+_register()

@@ -1,0 +1,1 @@
+"""pick-best, fuse and report commands (registered by cli_eval)."""
