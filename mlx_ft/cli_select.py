@@ -1,1 +1,138 @@
 """pick-best, fuse and report commands (registered by cli_eval)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from mlx_ft.cli import emit, errors, log, main
+from mlx_ft.tables import pct, table
+
+
+def best_text(r: dict) -> str:
+    rows = []
+    for c in r["table"]:
+        marks = " ".join(m for m, hit in (("<- eval pick", c["name"] == r["chosen"]["name"]),
+                                          ("<- val-loss pick", r["val_loss_pick"] and c["name"] == r["val_loss_pick"]["name"]))
+                         if hit)
+        lo, hi = c["strict_ci95"]
+        codes = ", ".join(f"{k} {v}" for k, v in c["codes"].items())
+        rows.append([c["name"], c["step"], c["val_loss"], pct(c["score"]), pct(c["strict_pass"]),
+                     f"{pct(lo)}-{pct(hi)}", r["p_best"].get(c["name"]) if r["p_best"] else None, codes, marks])
+    t = table(["checkpoint", "step", "val loss", "score", "strict", "strict 95% CI", "P(best)", "failure codes", ""],
+              rows)
+    return f"{t}\n\n{r['reason']}"
+
+
+@main.command("pick-best")
+@click.option("--run", "run_dir", type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
+@click.option("--runs", "run_dirs", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Several runs (seeds): adds a seed table. Repeat the option or use a glob.")
+@click.option("--suite", default="tools", show_default=True, help="Suite name (the eval file's name).")
+@click.option("--metric", type=click.Choice(["score", "strict"]), default="score", show_default=True,
+              help="score: rubric mean; strict: strict pass rate.")
+@click.option("--confirm-split", is_flag=True,
+              help="Select on one half of the prompts, report the winner on the other (winner's curse).")
+@click.option("--bootstrap", type=int, default=2000, show_default=True, help="Resamples for P(best); 0 skips.")
+@click.option("--eval-missing", "prompts", type=click.Path(dir_okay=False, path_type=Path),
+              help="Suite file: evaluate checkpoints that have no results yet, then pick.")
+@click.option("--json", "as_json", is_flag=True)
+@errors
+def pick_best_cmd(run_dir, run_dirs, suite, metric, confirm_split, bootstrap, prompts, as_json):
+    """Choose the checkpoint by eval score (not validation loss) and write RUN/best.json.
+
+    Tie-break: higher strict pass rate, then the earlier step. Reports Wilson intervals, exact
+    McNemar tests vs the base and vs the val-loss pick, and bootstrap P(best).
+    """
+    from mlx_ft.errors import UserError
+    from mlx_ft.selection import pick_best, seed_table
+
+    runs = list(run_dirs) + ([run_dir] if run_dir else [])
+    if not runs:
+        raise UserError("give --run RUN (or --runs RUN1 --runs RUN2 ... for several seeds)")
+    if prompts:
+        from mlx_ft.evaluate import evaluate, run_targets
+        from mlx_ft.suite import load_suite
+
+        s = load_suite(prompts)
+        suite = s.name
+        for r in runs:
+            evaluate(run_targets(r), s, log=log, log_dir=Path(r))
+    results = [pick_best(r, suite, metric, confirm_split, bootstrap) for r in runs]
+    text = "\n\n".join(f"== {r['run']}\n{best_text(r)}" for r in results)
+    data: dict | list = results[0] if len(results) == 1 else results
+    if len(runs) > 1:
+        seeds = seed_table(runs, suite, metric)
+        rows = [[x["run"], x["chosen"], pct(x["score"]), pct(x["strict_pass"])] for x in seeds["runs"]]
+        text += "\n\n" + table(["run", "best", "score", "strict"], rows)
+        half = seeds["ci95_half_width"]
+        text += f"\nmean best score across seeds {pct(seeds['mean'])}" + (f" ± {pct(half)} (95% t)" if half else "")
+        if "cochran_q" in seeds:
+            q = seeds["cochran_q"]
+            text += f"\nCochran's Q at step {q['step']}: Q={q['q']}, df={q['df']}, p={q['p_value']:.3g}"
+        data = {"runs": results, "seeds": seeds}
+    emit(data, as_json, text)
+
+
+@main.command("fuse")
+@click.option("--run", "run_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Fuse the checkpoint chosen in RUN/best.json.")
+@click.option("--adapter", type=click.Path(file_okay=False, path_type=Path), help="Or fuse this checkpoint.")
+@click.option("--model", type=click.Path(file_okay=False, path_type=Path),
+              help="Base model (default: the one the adapter was trained on).")
+@click.option("--bits", type=int, default=5, show_default=True, help="2, 3, 4, 5, 6, 8, or 16 (no quantization).")
+@click.option("--group-size", type=int, default=32, show_default=True, help="32, 64 or 128.")
+@click.option("--recipe", type=click.Choice(["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"]),
+              help="mlx-lm mixed-precision recipe instead of uniform bits.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder (default fused_models/<run>-<checkpoint>-<bits>bit).")
+@click.option("--prompts", "suite_path", type=click.Path(dir_okay=False, path_type=Path), default="evals/tools.yaml",
+              show_default=True, help="Suite to evaluate the fused model beside its adapter.")
+@click.option("--no-eval", is_flag=True, help="Skip the fused-vs-adapter evaluation.")
+@click.option("--force", is_flag=True, help="Replace an existing output folder (only once the new one is complete).")
+@click.option("--json", "as_json", is_flag=True)
+@errors
+def fuse_cmd(run_dir, adapter, model, bits, group_size, recipe, out, suite_path, no_eval, force, as_json):
+    """Fuse a checkpoint into a full-precision base, quantize, and evaluate it beside the adapter."""
+    from mlx_ft.fuse import check_args, compare_with_adapter, fuse, resolve_source
+
+    check_args(bits, group_size, recipe)
+    suite = None
+    if not no_eval:
+        from mlx_ft.suite import load_suite
+
+        suite = load_suite(suite_path)
+    adapter_path, base = resolve_source(run_dir, adapter, model)
+    if out is None:
+        stem = f"{adapter_path.parent.parent.name}-{adapter_path.name}-{'f' if bits == 16 else bits}"
+        out = Path("fused_models") / (stem + ("" if bits == 16 else "bit"))
+    record = fuse(adapter_path, base, out, bits, group_size, recipe, force, log=log)
+    if suite is not None:
+        record["eval"] = compare_with_adapter(out, adapter_path, suite, log=log)
+    lines = [f"{out}: {record['size_bytes'] / 1e6:.1f} MB, {bits} bits, fused in {record['seconds']} s, "
+             f"peak memory {record['peak_memory_gb']} GB",
+             f"adapter survival: median cosine {record['survival']['median_cosine']}, median relative error "
+             f"{record['survival']['median_rel_error']}"]
+    if "eval" in record:
+        e = record["eval"]
+        lines.append(table(["", "score", "strict pass"], [
+            ["adapter", pct(e["adapter_score"]), pct(e["adapter_pass_rate"])],
+            ["fused", pct(e["fused_score"]), pct(e["fused_pass_rate"])]]))
+        lines.append(f"identical outputs {e['identical_outputs']}/{e['prompts']}; McNemar p={e['mcnemar']['p_value']:.3g}")
+    emit(record, as_json, "\n".join(lines))
+
+
+@main.command("report")
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--compare", multiple=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Other runs or fused model folders to compare against.")
+@click.option("--suite", default="tools", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Default RUN/report.md.")
+@errors
+def report_cmd(run_dir, compare, suite, out):
+    """Write report.md: training curve, per-checkpoint, per-category and per-prompt tables."""
+    from mlx_ft.report import write_report
+
+    path = write_report(run_dir, suite, list(compare), out)
+    click.echo(str(path))

@@ -1,0 +1,200 @@
+"""``mlxft fuse``: fuse a checkpoint into a *full-precision* base, quantize to N bits, prove it works.
+
+mlx-lm's own fuse re-quantizes at the base's bits with no bits option, and fusing a small LoRA
+delta into already-quantized weights can round it away (seed 003: merged != adapter). So: dequantize
+the base, fuse, measure how much of each LoRA delta survives quantization, quantize, write the
+folder atomically, then evaluate the fused model beside its adapter (``compare_with_adapter``).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from mlx_ft.errors import ModelError, UserError
+from mlx_ft.files import read_json, staged_dir, write_json
+
+BITS = (2, 3, 4, 5, 6, 8, 16)
+GROUP_SIZES = (32, 64, 128)
+RECIPES = ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6")
+SURVIVAL_WARN = 0.5  # cosine of (quantized fused - quantized base) vs the LoRA delta
+
+
+def check_args(bits: int, group_size: int, recipe: str | None) -> None:
+    if bits not in BITS:
+        raise UserError(f"--bits {bits}: use one of {', '.join(map(str, BITS))} (16 keeps full precision)")
+    if group_size not in GROUP_SIZES:
+        raise UserError(f"--group-size {group_size}: use one of {', '.join(map(str, GROUP_SIZES))}")
+    if recipe and recipe not in RECIPES:
+        raise UserError(f"--recipe {recipe}: use one of {', '.join(RECIPES)}")
+
+
+def resolve_source(run: str | Path | None, adapter: str | Path | None, model: str | Path | None) -> tuple[Path, Path]:
+    """(adapter folder, base model folder) from --adapter or the run's best.json."""
+    if adapter is None:
+        if run is None:
+            raise UserError("give --run RUN (uses RUN/best.json) or --adapter CHECKPOINT")
+        best = Path(run) / "best.json"
+        if not best.is_file():
+            raise UserError(f"{best} not found; run `mlxft pick-best --run {run}` first, or pass --adapter")
+        chosen = read_json(best)["chosen"]
+        if not chosen.get("adapter"):
+            raise UserError(f"{best}: the best candidate is the base model itself; there is nothing to fuse")
+        adapter = chosen["adapter"]
+    adapter = Path(adapter)
+    if not (adapter / "adapters.safetensors").is_file() or not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"{adapter}: not a checkpoint folder (needs adapters.safetensors and adapter_config.json)")
+    base = Path(model) if model else Path(read_json(adapter / "adapter_config.json").get("model", ""))
+    if not (base / "config.json").is_file():
+        raise ModelError(f"base model {base} not found; pass --model with the folder the adapter was trained on")
+    return adapter, base
+
+
+def _lora_modules(model) -> list[tuple[str, object]]:
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, "fuse") and hasattr(m, "lora_a")]
+
+
+def survival(pairs: list[tuple[str, object, object]], bits: int, group_size: int) -> dict:
+    """How much of each LoRA delta survives quantization.
+
+    For each adapted layer: delta = W_fused - W_base (full precision); after quantizing both,
+    kept = Q(W_fused) - Q(W_base). Reports the cosine between kept and delta and the relative
+    error ||kept - delta|| / ||delta||, per layer and as medians."""
+    import mlx.core as mx
+
+    rows = []
+    for name, w_base, w_fused in pairs:
+        delta = (w_fused - w_base).astype(mx.float32)
+
+        def q(w):
+            return mx.dequantize(*mx.quantize(w, group_size=group_size, bits=bits), group_size=group_size,
+                                 bits=bits).astype(mx.float32)
+
+        kept = delta if bits == 16 else q(w_fused) - q(w_base)
+        dn = mx.linalg.norm(delta).item()
+        if dn == 0:
+            continue
+        cos = (mx.sum(kept * delta) / (mx.linalg.norm(kept) * dn + 1e-12)).item()
+        rel = (mx.linalg.norm(kept - delta) / dn).item()
+        rows.append({"layer": name, "delta_norm": round(dn, 5), "cosine": round(cos, 4), "rel_error": round(rel, 4)})
+    cos_sorted = sorted(r["cosine"] for r in rows)
+    rel_sorted = sorted(r["rel_error"] for r in rows)
+    median = (lambda xs: xs[len(xs) // 2] if xs else None)  # noqa: E731
+    return {"layers": rows, "median_cosine": median(cos_sorted), "median_rel_error": median(rel_sorted),
+            "min_cosine": cos_sorted[0] if cos_sorted else None}
+
+
+def fuse(adapter: Path, base: Path, out: Path, bits: int = 5, group_size: int = 32, recipe: str | None = None,
+         force: bool = False, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Dequantize base → fuse adapter → quantize → save atomically. Returns the fuse record."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+    from mlx_lm.utils import dequantize_model, load, load_adapters, quantize_model, save
+
+    from mlx_ft.fingerprint import fingerprint_model
+
+    check_args(bits, group_size, recipe)
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to replace it, or choose another --out")
+    t0 = time.perf_counter()
+    log(f"loading {base}")
+    model, tok, config = load(str(base), return_config=True)
+    base_bits = (config.get("quantization") or {}).get("bits")
+    if base_bits:
+        log(f"dequantizing the {base_bits}-bit base before fusing")
+        model = dequantize_model(model)
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+    model = load_adapters(model, str(adapter))
+    loras = _lora_modules(model)
+    if not loras:
+        raise ModelError(f"{adapter}: no LoRA layers found to fuse (fine_tune_type full is not supported here)")
+    log(f"fusing {len(loras)} adapted layers")
+    base_weights = {n: m.linear.weight for n, m in loras}
+    fused = [(n, m.fuse()) for n, m in loras]
+    model.update_modules(tree_unflatten(fused))
+    fused_weights = dict(fused)
+    pairs = [(n, base_weights[n], fused_weights[n].weight) for n, _ in loras]
+    surv = survival(pairs, bits, group_size)
+    warnings = []
+    if surv["median_cosine"] is not None and surv["median_cosine"] < SURVIVAL_WARN:
+        warnings.append(f"at {bits} bits most of the LoRA delta is rounded away (median cosine "
+                        f"{surv['median_cosine']:.2f}); the fused model may behave like the base. Use more bits")
+    if bits != 16:
+        log(f"quantizing to {bits} bits, group size {group_size}" + (f", recipe {recipe}" if recipe else ""))
+        predicate = None
+        if recipe:
+            from mlx_lm.convert import mixed_quant_predicate_builder
+
+            predicate = mixed_quant_predicate_builder(recipe, model, group_size)
+        model, config = quantize_model(model, config, group_size, bits, quant_predicate=predicate)
+    model.eval()
+    fp = fingerprint_model(model, tok)
+    with staged_dir(out, force=force) as tmp:
+        log(f"writing {out}")
+        save(tmp, base, model, tok, config, donate_model=False)
+        size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
+        record = {
+            "source_checkpoint": str(adapter.resolve()),
+            "base_model": str(base.resolve()),
+            "base_bits": base_bits,
+            "bits": bits,
+            "group_size": group_size if bits != 16 else None,
+            "recipe": recipe,
+            "size_bytes": size,
+            "parameters": sum(v.size for _, v in tree_flatten(model.parameters())),
+            "seconds": round(time.perf_counter() - t0, 2),
+            "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3),
+            "peak_rss_gb": round(_peak_rss_bytes() / 1e9, 3),
+            "survival": surv,
+            "warnings": warnings,
+            "fingerprint": fp,
+        }
+        write_json(tmp / "fused.json", record)
+    for w in warnings:
+        log(f"WARNING: {w}")
+    log(f"fused in {record['seconds']} s, {size / 1e6:.1f} MB, adapter survival median cosine "
+        f"{surv['median_cosine']}")
+    return record
+
+
+def _peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def compare_with_adapter(out: Path, adapter: Path, suite, *, log: Callable[[str], None] = lambda s: None,
+                         port: int | None = None) -> dict:
+    """Evaluate the fused model on the suite and compare prompt by prompt with the adapter's eval."""
+    import numpy as np
+
+    from mlx_ft.evaluate import evaluate, single_target
+    from mlx_ft.selection import mcnemar_exact
+
+    adapter_target = single_target(read_json(out / "fused.json")["base_model"], adapter, None)
+    fused_target = single_target(out, None, out / "evals")
+    fused_rec, adapter_rec = None, None
+    for rec in evaluate([adapter_target, fused_target], suite, port=port, log=log, log_dir=out / "evals"):
+        if rec["target"]["adapter"]:
+            adapter_rec = rec
+        else:
+            fused_rec = rec
+    a = {r["id"]: r for r in adapter_rec["results"]}
+    ids = [r["id"] for r in fused_rec["results"]]
+    fused_pass = np.array([r["passed"] for r in fused_rec["results"]])
+    adapter_pass = np.array([a[i]["passed"] for i in ids])
+    same_text = sum(fr["text"] == a[fr["id"]]["text"] for fr in fused_rec["results"])
+    comparison = {
+        "suite": suite.name,
+        "fused_score": fused_rec["summary"]["score"], "adapter_score": adapter_rec["summary"]["score"],
+        "fused_pass_rate": fused_rec["summary"]["pass_rate"], "adapter_pass_rate": adapter_rec["summary"]["pass_rate"],
+        "identical_outputs": same_text, "prompts": len(ids),
+        "mcnemar": mcnemar_exact(fused_pass, adapter_pass),
+    }
+    record = read_json(out / "fused.json")
+    record["eval"] = comparison
+    write_json(out / "fused.json", record)
+    return comparison

