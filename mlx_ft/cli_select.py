@@ -90,10 +90,15 @@ def pick_best_cmd(run_dir, run_dirs, suite, metric, confirm_split, bootstrap, pr
 @click.option("--prompts", "suite_path", type=click.Path(dir_okay=False, path_type=Path), default="evals/tools.yaml",
               show_default=True, help="Suite to evaluate the fused model beside its adapter.")
 @click.option("--no-eval", is_flag=True, help="Skip the fused-vs-adapter evaluation.")
+@click.option("--eval-kernels", type=click.Choice(["auto", "quantized", "dequantized"]), default="auto",
+              show_default=True,
+              help="Serve the fused model with its quantized kernels, or its exact dequantized weights "
+                   "(auto: dequantized on CPU, where quantized kernels are 10-15x slower).")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (only once the new one is complete).")
 @click.option("--json", "as_json", is_flag=True)
 @errors
-def fuse_cmd(run_dir, adapter, model, bits, group_size, recipe, out, suite_path, no_eval, force, as_json):
+def fuse_cmd(run_dir, adapter, model, bits, group_size, recipe, out, suite_path, no_eval, eval_kernels, force,
+             as_json):
     """Fuse a checkpoint into a full-precision base, quantize, and evaluate it beside the adapter."""
     from mlx_ft.fuse import check_args, compare_with_adapter, fuse, resolve_source
 
@@ -109,7 +114,7 @@ def fuse_cmd(run_dir, adapter, model, bits, group_size, recipe, out, suite_path,
         out = Path("fused_models") / (stem + ("" if bits == 16 else "bit"))
     record = fuse(adapter_path, base, out, bits, group_size, recipe, force, log=log)
     if suite is not None:
-        record["eval"] = compare_with_adapter(out, adapter_path, suite, log=log)
+        record["eval"] = compare_with_adapter(out, adapter_path, suite, kernels=eval_kernels, log=log)
     lines = [f"{out}: {record['size_bytes'] / 1e6:.1f} MB, {bits} bits, fused in {record['seconds']} s, "
              f"peak memory {record['peak_memory_gb']} GB",
              f"adapter survival: median cosine {record['survival']['median_cosine']}, median relative error "
@@ -119,7 +124,8 @@ def fuse_cmd(run_dir, adapter, model, bits, group_size, recipe, out, suite_path,
         lines.append(table(["", "score", "strict pass"], [
             ["adapter", pct(e["adapter_score"]), pct(e["adapter_pass_rate"])],
             ["fused", pct(e["fused_score"]), pct(e["fused_pass_rate"])]]))
-        lines.append(f"identical outputs {e['identical_outputs']}/{e['prompts']}; McNemar p={e['mcnemar']['p_value']:.3g}")
+        lines.append(f"identical outputs {e['identical_outputs']}/{e['prompts']}; McNemar p={e['mcnemar']['p_value']:.3g}; "
+                     f"served with {e['kernels']} kernels")
     emit(record, as_json, "\n".join(lines))
 
 

@@ -8,6 +8,7 @@ folder atomically, then evaluate the fused model beside its adapter (``compare_w
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 import time
@@ -130,7 +131,8 @@ def fuse(adapter: Path, base: Path, out: Path, bits: int = 5, group_size: int = 
             from mlx_lm.convert import mixed_quant_predicate_builder
 
             predicate = mixed_quant_predicate_builder(recipe, model, group_size)
-        model, config = quantize_model(model, config, group_size, bits, quant_predicate=predicate)
+        with contextlib.redirect_stdout(sys.stderr):  # mlx-lm prints its bits/weight line to stdout
+            model, config = quantize_model(model, config, group_size, bits, quant_predicate=predicate)
     model.eval()
     fp = fingerprint_model(model, tok)
     with staged_dir(out, force=force) as tmp:
@@ -166,35 +168,83 @@ def _peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def compare_with_adapter(out: Path, adapter: Path, suite, *, log: Callable[[str], None] = lambda s: None,
-                         port: int | None = None) -> dict:
+def quantized_kernels_are_slow() -> bool:
+    """mlx's CPU quantized matmul uses no BLAS: batched decode measured 10-15x slower than float32
+    with OpenBLAS here (docs/benchmarks.md). On Metal the quantized kernels are the fast path."""
+    import mlx.core as mx
+
+    return not (hasattr(mx, "metal") and mx.metal.is_available())
+
+
+@contextlib.contextmanager
+def eval_view(out: Path, kernels: str):
+    """The folder to serve for the fused eval.
+
+    'quantized': the fused folder itself. 'dequantized': a temporary float32 copy of the *quantized*
+    weights (the same values, dequantized exactly), served with fast float kernels and deleted
+    afterwards. 'auto' picks dequantized where quantized kernels are slow (CPU)."""
+    import shutil
+    import tempfile
+
+    cfg = read_json(out / "config.json")
+    if kernels == "auto":
+        kernels = "dequantized" if quantized_kernels_are_slow() else "quantized"
+    if kernels == "quantized" or "quantization" not in cfg:
+        yield out, "quantized" if "quantization" in cfg else "float"
+        return
+    import mlx.core as mx
+    from mlx_lm.utils import dequantize_model, load, save
+
+    from mlx_ft.models import home
+
+    (home() / "eval-views").mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}-", dir=home() / "eval-views"))
+    try:
+        model, tok, config = load(str(out), return_config=True)
+        model = dequantize_model(model)
+        model.set_dtype(mx.float32)
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+        save(tmp, out, model, tok, config, donate_model=True)
+        shutil.copy(out / "fused.json", tmp / "fused.json")
+        yield tmp, "dequantized"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def compare_with_adapter(out: Path, adapter: Path, suite, *, kernels: str = "auto",
+                         log: Callable[[str], None] = lambda s: None, port: int | None = None) -> dict:
     """Evaluate the fused model on the suite and compare prompt by prompt with the adapter's eval."""
     import numpy as np
 
-    from mlx_ft.evaluate import evaluate, single_target
+    from mlx_ft.evaluate import Target, evaluate, single_target
     from mlx_ft.selection import mcnemar_exact
 
-    adapter_target = single_target(read_json(out / "fused.json")["base_model"], adapter, None)
-    fused_target = single_target(out, None, out / "evals")
-    fused_rec, adapter_rec = None, None
-    for rec in evaluate([adapter_target, fused_target], suite, port=port, log=log, log_dir=out / "evals"):
-        if rec["target"]["adapter"]:
-            adapter_rec = rec
-        else:
-            fused_rec = rec
+    record = read_json(out / "fused.json")
+    adapter_target = single_target(record["base_model"], adapter, None)
+    with eval_view(out, kernels) as (served, used):
+        if used == "dequantized":
+            log(f"evaluating the fused weights dequantized to float32 ({served}): same values, CPU-fast kernels")
+        fused_target = Target(out.name, served, None, out / "evals", fingerprint=record["fingerprint"])
+        fused_rec, adapter_rec = None, None
+        for rec in evaluate([adapter_target, fused_target], suite, port=port, log=log, log_dir=out / "evals"):
+            if rec["target"]["adapter"]:
+                adapter_rec = rec
+            else:
+                fused_rec = rec
     a = {r["id"]: r for r in adapter_rec["results"]}
     ids = [r["id"] for r in fused_rec["results"]]
     fused_pass = np.array([r["passed"] for r in fused_rec["results"]])
     adapter_pass = np.array([a[i]["passed"] for i in ids])
     same_text = sum(fr["text"] == a[fr["id"]]["text"] for fr in fused_rec["results"])
     comparison = {
-        "suite": suite.name,
+        "suite": suite.name, "kernels": used,
         "fused_score": fused_rec["summary"]["score"], "adapter_score": adapter_rec["summary"]["score"],
         "fused_pass_rate": fused_rec["summary"]["pass_rate"], "adapter_pass_rate": adapter_rec["summary"]["pass_rate"],
         "identical_outputs": same_text, "prompts": len(ids),
         "mcnemar": mcnemar_exact(fused_pass, adapter_pass),
+        "eval_seconds": fused_rec["seconds"],
     }
-    record = read_json(out / "fused.json")
     record["eval"] = comparison
     write_json(out / "fused.json", record)
     return comparison

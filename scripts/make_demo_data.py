@@ -116,7 +116,7 @@ def main() -> None:
     ap.add_argument("--suite", default="evals/tools.yaml")
     ap.add_argument("--out", default="data/tools")
     ap.add_argument("--train", type=int, default=216)
-    ap.add_argument("--valid", type=int, default=36)
+    ap.add_argument("--valid", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     suite = load_suite(a.suite)

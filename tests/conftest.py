@@ -56,3 +56,33 @@ def tree_snapshot(root: Path) -> dict:
 
 
 __all__ = ["write_jsonl", "copy_suite", "tree_snapshot", "shutil", "os"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, embedded_model) -> Path:
+    """One small real training run shared by the fuse and report tests (4 steps, 2 checkpoints)."""
+    from mlx_ft.train import load_config, train
+
+    root = tmp_path_factory.mktemp("trained")
+    data = root / "data"
+    data.mkdir()
+    for split, n in (("train", 16), ("valid", 4)):
+        lines = (DATA / f"{split}.jsonl").read_text().splitlines()[:n]
+        (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = load_config(None, {"name": "tiny", "data": str(data), "runs_dir": str(root / "runs"), "iters": 6,
+                             "save_every": 3, "batch_size": 2, "num_layers": 4, "learning_rate": 2e-3,
+                             "max_seq_length": 256})
+    train(cfg)
+    return root / "runs" / "tiny"
+
+
+def small_suite(tmp_path: Path, n: int = 3, max_tokens: int = 24) -> Path:
+    import yaml
+
+    data = yaml.safe_load(SUITE.read_text())
+    data["prompts"] = data["prompts"][:n]
+    data["generation"]["max_tokens"] = max_tokens
+    data["name"] = "mini"  # results of a cut-down suite must never pass for the full one's
+    p = tmp_path / "mini.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p

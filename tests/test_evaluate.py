@@ -155,21 +155,17 @@ def test_results_of_an_edited_suite_are_not_mixed(tmp_path):
 @pytest.mark.slow
 def test_real_eval_through_mlx_lm_server(tmp_path, embedded_model):
     """A real eval of a few prompts of the shipped suite on the embedded model, via the CLI."""
-    import yaml
     from click.testing import CliRunner
 
     from mlx_ft.cli import main
 
-    data = yaml.safe_load(SUITE.read_text())
-    data["prompts"] = data["prompts"][:3]
-    data["generation"]["max_tokens"] = 16
-    small = tmp_path / "small.yaml"
-    small.write_text(yaml.safe_dump(data))
+    from .conftest import small_suite
+
+    small = small_suite(tmp_path, n=3, max_tokens=16)
     out = tmp_path / "out"
     r = CliRunner().invoke(main, ["eval", "--prompts", str(small), "--model", str(embedded_model), "--out", str(out)])
     assert r.exit_code == 0, r.output
-    rec = json.loads((out / "small.json").read_text()) if (out / "small.json").exists() else \
-        json.loads((out / "tools.json").read_text())
+    rec = json.loads((out / "mini.json").read_text())
     assert rec["target"]["fingerprint_checked"] is True
     assert len(rec["results"]) == 3 and all(x["text"] for x in rec["results"])
     assert all(x["completion_tokens"] <= 16 for x in rec["results"])

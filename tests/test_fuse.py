@@ -1,0 +1,99 @@
+"""Real fuses of a trained checkpoint on the embedded model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mlx_ft.errors import UserError
+from mlx_ft.fuse import compare_with_adapter, fuse, resolve_source
+from mlx_ft.suite import load_suite
+
+from .conftest import small_suite
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def source(trained_run):
+    return resolve_source(None, trained_run / "checkpoints" / "step_000006", None)
+
+
+@pytest.fixture(scope="module")
+def fused(tmp_path_factory, source):
+    root = tmp_path_factory.mktemp("fused")
+    return {bits: fuse(*source, root / f"f{bits}", bits=bits) | {"out": root / f"f{bits}"} for bits in (4, 5, 8)}
+
+
+def test_fused_models_load_and_record_what_they_are(fused, source):
+    from mlx_lm import generate, load
+
+    for bits, rec in fused.items():
+        cfg = json.loads((rec["out"] / "config.json").read_text())
+        assert cfg["quantization"]["bits"] == bits and cfg["quantization"]["group_size"] == 32
+        saved = json.loads((rec["out"] / "fused.json").read_text())
+        assert saved["source_checkpoint"] == str(source[0].resolve()) and saved["size_bytes"] > 0
+        model, tok = load(str(rec["out"]))
+        assert generate(model, tok, "hello", max_tokens=2) is not None
+    sizes = [fused[b]["size_bytes"] for b in (4, 5, 8)]
+    assert sizes == sorted(sizes)
+
+
+def test_survival_is_measured_and_grows_with_bits(fused):
+    cos = [fused[b]["survival"]["median_cosine"] for b in (4, 5, 8)]
+    err = [fused[b]["survival"]["median_rel_error"] for b in (4, 5, 8)]
+    assert all(0 < c <= 1 for c in cos) and cos == sorted(cos)
+    assert err == sorted(err, reverse=True)
+    assert len(fused[8]["survival"]["layers"]) == 4 * 7  # 4 layers × (q, k, v, o, gate, up, down)
+
+
+def test_fused_8bit_answers_like_the_adapter(fused, trained_run):
+    """Greedy probe answer of the 8-bit fused model == the adapter's (recorded at the checkpoint)."""
+    manifest = json.loads((trained_run / "checkpoints" / "step_000006" / "manifest.json").read_text())
+    assert fused[8]["fingerprint"]["token_ids"] == manifest["fingerprint"]["token_ids"]
+
+
+def test_quantized_base_is_dequantized_before_fusing(tmp_path, source):
+    from mlx_ft.gguf import import_gguf
+    from mlx_ft.models import default_gguf
+
+    native = tmp_path / "native"
+    import_gguf(default_gguf(), native, dtype="native", verify=False)
+    rec = fuse(source[0], native, tmp_path / "out", bits=8)
+    assert rec["base_bits"] == 4
+    assert rec["survival"]["median_cosine"] > 0.9
+
+
+def test_refuses_to_overwrite_and_failure_leaves_nothing(tmp_path, source, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    with pytest.raises(UserError, match="already exists"):
+        fuse(*source, out, bits=4)
+    assert (out / "mine.txt").read_text() == "keep"
+
+    import mlx_lm.utils
+
+    def broken_save(dst, *a, **k):
+        (dst / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mlx_lm.utils, "save", broken_save)
+    with pytest.raises(OSError):
+        fuse(*source, tmp_path / "new", bits=4)
+    assert not (tmp_path / "new").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no half-written folder left behind
+    with pytest.raises(OSError):
+        fuse(*source, out, bits=4, force=True)
+    assert (out / "mine.txt").read_text() == "keep"  # --force replaces only once the new one is complete
+
+
+def test_fused_eval_beside_adapter(tmp_path, fused, source):
+    suite = load_suite(small_suite(tmp_path))
+    out = fused[8]["out"]
+    cmp = compare_with_adapter(out, source[0], suite)
+    assert cmp["prompts"] == 3 and 0 <= cmp["identical_outputs"] <= 3
+    assert cmp["mcnemar"]["p_value"] <= 1
+    assert json.loads((out / "fused.json").read_text())["eval"] == cmp
+    assert (out / "evals" / "mini.json").is_file()
