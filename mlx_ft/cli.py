@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -24,16 +25,28 @@ def log(msg: str) -> None:
     click.echo(msg, err=True)
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def errors(fn):
     """Turn MlxftError into a one-paragraph message and its exit code; no traceback for users."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        signal.signal(signal.SIGTERM, _terminate)  # run finally blocks: children reaped, partial output removed
         try:
             return fn(*args, **kwargs)
         except MlxftError as e:
             click.echo(f"Error: {e}", err=True)
             sys.exit(e.exit_code)
+        except OSError as e:  # disk full, unwritable folder, ...: say which file, keep what is on disk
+            where = f"{e.filename}: " if e.filename else ""
+            click.echo(f"Error: {where}{e.strerror or e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("Interrupted; finished work is kept on disk.", err=True)
+            sys.exit(130)
 
     return wrapper
 

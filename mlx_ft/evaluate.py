@@ -145,6 +145,7 @@ def evaluate_target(server: Server, suite: Suite, target: Target, *, resume: boo
         except BaseException:
             for f in futures:
                 f.cancel()
+            server.close()  # in-flight requests fail at once instead of holding the pool open
             raise
     seconds = time.perf_counter() - t0
     results = [{k: v for k, v in done[p.id].items() if k != "suite_fingerprint"} for p in suite.prompts]

@@ -455,7 +455,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None, resume:
             mlx_train(model, opt, train_set, None, args=args, training_callback=_make_callback(run),
                       iterate_batches=_skip_batches(start_step, cfg.seed))
         status = "complete"
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         status = "interrupted"
         raise
     finally:

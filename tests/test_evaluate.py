@@ -47,6 +47,9 @@ class FakeServer:
         return self
 
     def __exit__(self, *a):
+        self.close()
+
+    def close(self):
         self.closed = True
 
     def alive(self):

@@ -1,0 +1,3 @@
+from mlx_ft.cli import main
+
+main()

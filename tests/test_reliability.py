@@ -1,0 +1,114 @@
+"""Faults: signals during eval and fuse leave no orphan and no half-written folder; a full disk or
+an unwritable folder is a clear error that damages nothing already on disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mlx_ft.errors import MlxftError
+from mlx_ft.files import staged_dir, write_json
+
+from .conftest import small_suite
+
+
+def test_full_disk_keeps_the_old_file(tmp_path, monkeypatch):
+    path = write_json(tmp_path / "best.json", {"chosen": "old"})
+
+    def no_space(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(MlxftError, match="No space left"):
+        write_json(path, {"chosen": "new"})
+    assert json.loads(path.read_text()) == {"chosen": "old"}
+    assert [p.name for p in tmp_path.iterdir()] == ["best.json"]  # no temp file left
+
+
+def test_failed_staged_folder_leaves_nothing_and_keeps_the_old_one(tmp_path):
+    final = tmp_path / "model"
+    final.mkdir()
+    (final / "weights").write_text("old")
+    with pytest.raises(RuntimeError):
+        with staged_dir(final, force=True) as tmp:
+            (tmp / "weights").write_text("half")
+            raise RuntimeError("killed")
+    assert (final / "weights").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path):
+    from click.testing import CliRunner
+
+    from mlx_ft.cli import main
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    r = CliRunner().invoke(main, ["import-gguf", str(__import__("mlx_ft.models").models.default_gguf()),
+                                  str(blocker / "out"), "--dtype", "native"])
+    assert r.exit_code in (1, 2) and "Error:" in r.output and "Traceback" not in r.output
+    assert blocker.read_text() == "not a folder"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _spawn(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "mlx_ft", *args], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _wait_for(proc: subprocess.Popen, pattern: str, timeout: float = 180) -> re.Match:
+    deadline = time.monotonic() + timeout
+    seen = []
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        seen.append(line)
+        m = re.search(pattern, line)
+        if m:
+            return m
+    proc.kill()
+    raise AssertionError(f"never saw {pattern!r}; stderr:\n{''.join(seen)}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_during_eval_leaves_no_orphan_server(tmp_path, embedded_model, sig):
+    suite = small_suite(tmp_path, n=27, max_tokens=64)
+    proc = _spawn(["eval", "--prompts", str(suite), "--model", str(embedded_model), "--out", str(tmp_path / "o")])
+    child = int(_wait_for(proc, r"server pid (\d+) ready").group(1))
+    time.sleep(1.0)  # requests in flight
+    proc.send_signal(sig)
+    assert proc.wait(timeout=60) != 0
+    deadline = time.monotonic() + 15
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(child), "mlx_lm.server child left running"
+    assert not (tmp_path / "o" / "mini.json").exists()  # no final result from a cut eval
+
+
+@pytest.mark.slow
+def test_sigterm_during_fuse_leaves_no_half_written_folder(tmp_path, trained_run):
+    out = tmp_path / "fused"
+    proc = _spawn(["fuse", "--adapter", str(trained_run / "checkpoints" / "step_000006"), "--bits", "4",
+                   "--out", str(out), "--no-eval"])
+    _wait_for(proc, r"quantizing|writing")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert not out.exists()
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".fused")] == []
