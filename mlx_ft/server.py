@@ -228,10 +228,15 @@ class Server:
     # ------------------------------------------------------------ requests
 
     def chat(self, messages: Sequence[dict], *, adapter: str | None = None, max_tokens: int = 64,
-             temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = (), logprobs: bool = False) -> Reply:
-        """One chat completion. ``model`` is always sent (else a per-request adapter is ignored)."""
-        body = {"model": self.model, "messages": list(messages), "max_tokens": max_tokens,
+             temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = (), logprobs: bool = False,
+             send_model: bool = True) -> Reply:
+        """One chat completion. ``model`` is sent unless told not to: without it mlx-lm ignores a
+        per-request adapter, and *with* it but without ``adapters`` it drops a ``--adapter-path``
+        adapter (measured) -- so the body always says exactly which weights to use."""
+        body = {"messages": list(messages), "max_tokens": max_tokens,
                 "temperature": temperature, "top_p": top_p, "stop": list(stop), "stream": False}
+        if send_model:
+            body["model"] = self.model
         if adapter:
             body["adapters"] = str(Path(adapter).resolve())
         if logprobs:

@@ -1,0 +1,100 @@
+#!/usr/bin/env python
+"""Eval throughput: mlxft's eval vs the naive way, side by side in one run, outputs compared.
+
+naive: a fresh ``mlx_lm.server --adapter-path CKPT`` per target, one request at a time (what the
+seed user did). mlxft: ``mlx_ft.evaluate.evaluate`` -- one server per base model, per-request
+adapters, all prompts of a target in flight at once, identity checks on. Prints both wall times,
+the ratio, and how many greedy outputs are identical prompt by prompt.
+
+    python scripts/bench_eval.py --run runs/demo            # base + every checkpoint × full suite
+    python scripts/bench_eval.py --run runs/demo --quick    # 2 targets × 6 prompts (CI smoke)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import mlx_ft  # noqa: E402,F401  (fast BLAS before mlx)
+from mlx_ft.evaluate import evaluate, run_targets  # noqa: E402
+from mlx_ft.server import Server  # noqa: E402
+from mlx_ft.suite import load_suite  # noqa: E402
+
+
+class AdapterServer(Server):
+    """The naive way: the adapter fixed at start-up with --adapter-path."""
+
+    def __init__(self, model, adapter=None, **kw):
+        super().__init__(model, **kw)
+        self.adapter = adapter
+
+    def command(self):
+        cmd = super().command()
+        return cmd + (["--adapter-path", str(self.adapter)] if self.adapter else [])
+
+
+def naive(targets, suite, log_dir: Path) -> tuple[float, dict]:
+    outputs = {}
+    t0 = time.perf_counter()
+    for t in targets:
+        with AdapterServer(t.model, t.adapter, log_path=log_dir / f"naive-{t.name}.log",
+                           max_tokens=suite.generation.max_tokens, concurrency=1) as server:
+            for p in suite.prompts:
+                messages = [{"role": "system", "content": suite.system_prompt}, {"role": "user", "content": p.user}]
+                r = server.chat(messages, max_tokens=suite.generation.max_tokens,
+                                temperature=suite.generation.temperature, stop=suite.generation.stop_sequences,
+                                send_model=False)  # as a plain client would: the --adapter-path model
+                outputs[(t.name, p.id)] = r.text
+    return time.perf_counter() - t0, outputs
+
+
+def ours(targets, suite, out_root: Path) -> tuple[float, dict]:
+    moved = [dataclasses.replace(t, out_dir=out_root / t.name) for t in targets]
+    t0 = time.perf_counter()
+    records = evaluate(moved, suite, log=lambda s: print("  " + s, file=sys.stderr), log_dir=out_root)
+    seconds = time.perf_counter() - t0
+    return seconds, {(r["target"]["name"], x["id"]): x["text"] for r in records for x in r["results"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--run", default="runs/demo")
+    ap.add_argument("--prompts", default="evals/tools.yaml")
+    ap.add_argument("--quick", action="store_true", help="2 targets × 6 prompts")
+    ap.add_argument("--json", action="store_true")
+    a = ap.parse_args()
+    suite = load_suite(a.prompts)
+    targets = run_targets(a.run)
+    if a.quick:
+        targets = [targets[0], targets[-1]]
+        suite = dataclasses.replace(suite, prompts=suite.prompts[:6], name="bench-quick")
+    with tempfile.TemporaryDirectory(prefix="mlxft-bench-") as tmp:
+        tmp = Path(tmp)
+        print(f"naive: {len(targets)} fresh servers, {len(suite.prompts)} sequential requests each", file=sys.stderr)
+        t_naive, out_naive = naive(targets, suite, tmp)
+        print(f"mlxft: one server, per-request adapters, concurrent prompts", file=sys.stderr)
+        t_ours, out_ours = ours(targets, suite, tmp / "ours")
+    same = sum(out_naive[k] == out_ours.get(k) for k in out_naive)
+    diffs = [k for k in out_naive if out_naive[k] != out_ours.get(k)]
+    result = {"targets": len(targets), "prompts": len(suite.prompts), "max_tokens": suite.generation.max_tokens,
+              "naive_s": round(t_naive, 1), "mlxft_s": round(t_ours, 1), "speedup": round(t_naive / t_ours, 2),
+              "identical_outputs": same, "outputs": len(out_naive), "differing": [list(k) for k in diffs]}
+    if a.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"targets × prompts      {result['targets']} × {result['prompts']} (max_tokens {result['max_tokens']})")
+        print(f"naive (fresh server per target, sequential)  {result['naive_s']} s")
+        print(f"mlxft (one server, concurrent, adapters)     {result['mlxft_s']} s")
+        print(f"speedup                {result['speedup']}x")
+        print(f"identical outputs      {same}/{len(out_naive)}" + (f"  differing: {diffs[:5]}" if diffs else ""))
+
+
+if __name__ == "__main__":
+    main()
