@@ -119,9 +119,14 @@ TRAIN_KEYS = ("name", "model", "data", "runs_dir", "fine_tune_type", "num_layers
 @click.option("--smoke-steps", type=int, default=6, show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from the last complete checkpoint of the run.")
 @click.option("--force", is_flag=True, help="Delete an existing run folder of the same name first.")
+@click.option("--ranks", type=int, help="Data-parallel over N local processes (mlx.launch, ring backend).")
+@click.option("--hosts", "hostfile", type=click.Path(dir_okay=False, path_type=Path),
+              help="Data-parallel over the hosts of an mlx.launch JSON hostfile (docs/distributed.md).")
+@click.option("--worker", is_flag=True, hidden=True, help="Internal: one rank started by mlx.launch.")
 @click.option("--json", "as_json", is_flag=True)
 @errors
-def train(config_path, seeds, smoke, smoke_steps, resume, force, as_json, mask_prompt, allow_truncation, **flags):
+def train(config_path, seeds, smoke, smoke_steps, resume, force, ranks, hostfile, worker, as_json, mask_prompt,
+          allow_truncation, **flags):
     """Train with mlx-lm, writing a loadable checkpoint every --save-every steps.
 
     Before the first step: data schema, lengths vs max_seq_length, trainable parameters. During
@@ -129,6 +134,7 @@ def train(config_path, seeds, smoke, smoke_steps, resume, force, as_json, mask_p
     checkpoints/step_NNNNNN/}.
     """
     from mlx_ft import train as trainmod
+    from mlx_ft.errors import UserError
 
     overrides = {k: v for k, v in flags.items() if v is not None}
     if mask_prompt is not None:
@@ -150,9 +156,19 @@ def train(config_path, seeds, smoke, smoke_steps, resume, force, as_json, mask_p
         except ValueError:
             raise click.BadParameter(f"{seeds!r}: expected integers like 1,2,3", param_hint="--seeds") from None
         configs = [dataclasses.replace(cfg, seed=s, name=f"{cfg.name}-s{s}") for s in values]
+    if worker:
+        trainmod.train(cfg, log=log, worker=True)
+        return
+    if (ranks or hostfile) and (smoke or resume):
+        raise UserError("--ranks/--hosts cannot be combined with --smoke or --resume")
     results = []
     for c in configs:
-        summary = trainmod.train(c, log=log, resume=resume, force=force)
+        if ranks or hostfile:
+            from mlx_ft.distributed import train_distributed
+
+            summary = train_distributed(c, ranks, hostfile, force=force, log=log)
+        else:
+            summary = trainmod.train(c, log=log, resume=resume, force=force)
         results.append({"run": str(c.run_dir), "status": summary["status"], "checkpoints": summary["checkpoints"],
                         "train_seconds": summary["train_seconds"], "loss_start_end": summary.get("loss_start_end")})
     emit(results if seeds else results[0], as_json,

@@ -10,6 +10,17 @@ from mlx_ft.cli import emit, errors, log, main
 from mlx_ft.tables import excerpt, pct, table
 
 
+def open_suite(spec: str, limit: int | None = None):
+    """A suite from a YAML path or a 'bfcl:...' spec."""
+    if str(spec).startswith("bfcl:"):
+        from mlx_ft.bfcl import load_bfcl
+
+        return load_bfcl(str(spec), limit)
+    from mlx_ft.suite import load_suite
+
+    return load_suite(spec)
+
+
 def eval_tables(records: list[dict]) -> str:
     """Per-prompt table (one column per target) and per-category table, like seed 004's."""
     if not records:
@@ -33,8 +44,10 @@ def eval_tables(records: list[dict]) -> str:
 
 
 @main.command("eval")
-@click.option("--prompts", "--suite", "suite_path", type=click.Path(dir_okay=False, path_type=Path),
-              default="evals/tools.yaml", show_default=True, help="Eval suite YAML (format: README).")
+@click.option("--prompts", "--suite", "suite_path", default="evals/tools.yaml", show_default=True,
+              help="Eval suite YAML (format: README), or bfcl:CATEGORY[,CATEGORY] for a BFCL suite "
+                   "(needs `pip install --no-deps bfcl-eval`).")
+@click.option("--limit", type=int, help="BFCL: a deterministic sample of N prompts, split evenly over categories.")
 @click.option("--run", "run_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Evaluate the run's base model (step 0) and every complete checkpoint.")
 @click.option("--model", help="Model folder to evaluate (default: the embedded model).")
@@ -47,7 +60,7 @@ def eval_tables(records: list[dict]) -> str:
 @click.option("--force", is_flag=True, help="Re-evaluate targets that already have results.")
 @click.option("--json", "as_json", is_flag=True, help="Print all results as JSON.")
 @errors
-def eval_cmd(suite_path, run_dir, model, adapter, out, port, concurrency, resume, force, as_json):
+def eval_cmd(suite_path, limit, run_dir, model, adapter, out, port, concurrency, resume, force, as_json):
     """Score targets on a tool-call suite through an isolated mlx_lm.server.
 
     Results: RUN/evals/<checkpoint>/<suite>.json (every prompt's raw text, score, strict pass,
@@ -55,9 +68,7 @@ def eval_cmd(suite_path, run_dir, model, adapter, out, port, concurrency, resume
     """
     from mlx_ft.errors import UserError
     from mlx_ft.evaluate import evaluate, run_targets, single_target
-    from mlx_ft.suite import load_suite
-
-    suite = load_suite(suite_path)
+    suite = open_suite(suite_path, limit)
     if port is not None and not 1 <= port <= 65535:
         raise UserError(f"--port {port} is out of range; use 1-65535, or leave it out to pick a free port")
     if run_dir and (model or adapter):

@@ -37,9 +37,12 @@ def best_text(r: dict) -> str:
 @click.option("--bootstrap", type=int, default=2000, show_default=True, help="Resamples for P(best); 0 skips.")
 @click.option("--eval-missing", "prompts", type=click.Path(dir_okay=False, path_type=Path),
               help="Suite file: evaluate checkpoints that have no results yet, then pick.")
+@click.option("--guard", help="Regression guard suite, e.g. bfcl:simple_python: exclude checkpoints significantly "
+                              "below the base on it (evaluate it first with mlxft eval --suite ...).")
+@click.option("--alpha", type=float, default=0.05, show_default=True, help="Guard significance level.")
 @click.option("--json", "as_json", is_flag=True)
 @errors
-def pick_best_cmd(run_dir, run_dirs, suite, metric, confirm_split, bootstrap, prompts, as_json):
+def pick_best_cmd(run_dir, run_dirs, suite, metric, confirm_split, bootstrap, prompts, guard, alpha, as_json):
     """Choose the checkpoint by eval score (not validation loss) and write RUN/best.json.
 
     Tie-break: higher strict pass rate, then the earlier step. Reports Wilson intervals, exact
@@ -59,7 +62,7 @@ def pick_best_cmd(run_dir, run_dirs, suite, metric, confirm_split, bootstrap, pr
         suite = s.name
         for r in runs:
             evaluate(run_targets(r), s, log=log, log_dir=Path(r))
-    results = [pick_best(r, suite, metric, confirm_split, bootstrap) for r in runs]
+    results = [pick_best(r, suite, metric, confirm_split, bootstrap, guard=guard, alpha=alpha) for r in runs]
     text = "\n\n".join(f"== {r['run']}\n{best_text(r)}" for r in results)
     data: dict | list = results[0] if len(results) == 1 else results
     if len(runs) > 1:

@@ -125,8 +125,7 @@ def evaluate_target(server: Server, suite: Suite, target: Target, *, resume: boo
     gen = suite.generation
 
     def ask(prompt):
-        messages = [{"role": "system", "content": suite.system_prompt}, {"role": "user", "content": prompt.user}]
-        return prompt, server.chat(messages, adapter=str(target.adapter) if target.adapter else None,
+        return prompt, server.chat(suite.messages(prompt), adapter=str(target.adapter) if target.adapter else None,
                                    max_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p,
                                    stop=gen.stop_sequences)
 

@@ -93,14 +93,20 @@ def build_report(run_dir: str | Path, suite: str = "tools", compare: list | None
         out += ["", f"## Checkpoints on `{suite}`", ""]
         chosen = best["chosen"]["name"] if best else None
         vpick = best["val_loss_pick"]["name"] if best and best.get("val_loss_pick") else None
+        guard = best.get("guard") if best else None
+        guard_evals = _evals(run_dir, guard["suite"]) if guard else {}
         rows = []
         for n, rec in evals.items():
             s, t = rec["summary"], rec["target"]
-            mark = " ".join(x for x, hit in (("eval pick", n == chosen), ("val-loss pick", n == vpick)) if hit)
-            rows.append([n, t["step"], t["val_loss"], pct(s["score"]), pct(s["pass_rate"]),
-                         primary_failure(s["codes"]), rec["seconds"], mark])
-        out.append(table(["checkpoint", "step", "val loss", "score", "strict", "primary failure", "eval s", ""],
-                         rows, markdown=True))
+            mark = " ".join(x for x, hit in (("eval pick", n == chosen), ("val-loss pick", n == vpick),
+                                             ("excluded by guard", guard and n in guard["excluded"])) if hit)
+            row = [n, t["step"], t["val_loss"], pct(s["score"]), pct(s["pass_rate"]), primary_failure(s["codes"])]
+            if guard:
+                row.append(pct(guard_evals[n]["summary"]["pass_rate"]) if n in guard_evals else "-")
+            rows.append(row + [rec["seconds"], mark])
+        heads = ["checkpoint", "step", "val loss", "score", "strict", "primary failure"]
+        heads += [f"{guard['suite']} pass"] if guard else []
+        out.append(table(heads + ["eval s", ""], rows, markdown=True))
         cats = list(evals[names[0]]["summary"]["categories"])
         out += ["", "## Per category (rubric score)", ""]
         out.append(table(["category"] + names,

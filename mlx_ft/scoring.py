@@ -164,6 +164,10 @@ def check_args(prompt: Prompt, call: Call) -> tuple[str, str] | None:
 def score(suite: Suite, prompt: Prompt, text: str | None, finish_reason: str | None = None,
           error: str | None = None) -> Score:
     """Judge one raw answer. ``finish_reason`` 'length' means the server hit max_tokens."""
+    if suite.kind == "bfcl":
+        from mlx_ft import bfcl
+
+        return bfcl.score(prompt, text, finish_reason, error)
     r = suite.rubric
     if text is None or error:
         return Score(r.other, False, "server_error", f"request failed: {error or 'no text'}")

@@ -118,9 +118,34 @@ def bootstrap_p_best(cands: list[Candidate], metric: str, n: int = 2000, seed: i
     return {k: round(v / n, 4) for k, v in wins.items()}
 
 
+def guard_check(run_dir: str | Path, guard: str, alpha: float = ALPHA) -> dict:
+    """Which checkpoints score significantly *below* the base on the guard suite (one-sided exact
+    McNemar on shared prompt ids): those forgot general skill and may not be chosen."""
+    from scipy.stats import binomtest
+
+    name = guard.replace(":", "_").replace(",", "+") if guard.startswith("bfcl:") else guard
+    cands = candidates(run_dir, name)
+    base = next(c for c in cands if c.name == BASE)
+    out = {"suite": name, "alpha": alpha, "base_pass_rate": round(float(base.passed.mean()), 4),
+           "checkpoints": {}, "excluded": []}
+    for c in cands:
+        if c.name == BASE:
+            continue
+        lost = int(np.sum(base.passed & ~c.passed))  # prompts the base passes and the checkpoint fails
+        won = int(np.sum(~base.passed & c.passed))
+        p = float(binomtest(lost, lost + won, 0.5, alternative="greater").pvalue) if lost + won else 1.0
+        out["checkpoints"][c.name] = {"pass_rate": round(float(c.passed.mean()), 4), "lost": lost, "won": won,
+                                      "p_value": round(p, 6)}
+        if p < alpha:
+            out["excluded"].append(c.name)
+    return out
+
+
 def pick_best(run_dir: str | Path, suite: str = "tools", metric: str = "score", confirm_split: bool = False,
-              bootstrap: int = 2000, write: bool = True) -> dict:
-    """Choose the best checkpoint of a run by eval score; write best.json with the reason."""
+              bootstrap: int = 2000, write: bool = True, guard: str | None = None, alpha: float = ALPHA) -> dict:
+    """Choose the best checkpoint of a run by eval score; write best.json with the reason.
+
+    With ``guard``, checkpoints significantly worse than the base on the guard suite are excluded."""
     if metric not in METRICS:
         raise UserError(f"--metric {metric!r}: use one of {', '.join(METRICS)}")
     run_dir = Path(run_dir)
@@ -131,10 +156,12 @@ def pick_best(run_dir: str | Path, suite: str = "tools", metric: str = "score", 
     with_loss = [c for c in cands if c.name != BASE and c.val_loss is not None]
     val_pick = min(with_loss, key=lambda c: (c.val_loss, c.step)) if with_loss else None
 
+    guard_info = guard_check(run_dir, guard, alpha) if guard else None
+    eligible = [c for c in cands if not guard_info or c.name not in guard_info["excluded"]]
     sel_idx = conf_idx = None
     if confirm_split:
         sel_idx, conf_idx = split_halves(base.ids)
-    winner = max(cands, key=lambda c: c.key(metric, sel_idx))
+    winner = max(eligible, key=lambda c: c.key(metric, sel_idx))
     n = len(base.ids)
 
     def row(c: Candidate) -> dict:
@@ -153,6 +180,7 @@ def pick_best(run_dir: str | Path, suite: str = "tools", metric: str = "score", 
         "base": row(base),
         "mcnemar": {"vs_base": vs_base, "vs_val_loss_pick": vs_val},
         "p_best": p_best,
+        "guard": guard_info,
         "table": [row(c) for c in cands],
     }
     if confirm_split:
@@ -187,6 +215,11 @@ def explain(r: dict, winner: Candidate, base: Candidate, val_pick: Candidate | N
             parts.append(f"the val-loss pick would have been {val_pick.name} (val loss {val_pick.val_loss:.3f}, "
                          f"{metric} {_pct(val_pick.metric(r['metric']))}); difference "
                          f"{'significant' if p < ALPHA else 'not significant'}, p={p:.3g}")
+    if r.get("guard"):
+        g = r["guard"]
+        parts.append(f"guard {g['suite']}: " + (f"excluded {', '.join(g['excluded'])} (significantly below the base "
+                                                  f"{_pct(g['base_pass_rate'])}, one-sided p<{g['alpha']})"
+                                                  if g["excluded"] else "no checkpoint is significantly below the base"))
     if r.get("p_best"):
         parts.append(f"bootstrap P(best)={r['p_best'].get(winner.name, 0):.2f}")
     if "confirm_split" in r:

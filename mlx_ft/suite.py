@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from mlx_ft import config as cfgmod
 from mlx_ft.errors import ConfigError
@@ -106,6 +107,7 @@ class Suite:
     generation: Generation = field(default_factory=Generation)
     rubric: Rubric = field(default_factory=Rubric)
     path: str = ""
+    kind: Literal["tools", "bfcl"] = "tools"
 
     @property
     def tool_names(self) -> set[str]:
@@ -117,11 +119,19 @@ class Suite:
     def fingerprint(self) -> str:
         """Hash of everything that changes a score, so results from an edited suite are not mixed."""
         blob = json.dumps(
-            {"system": self.system_prompt, "gen": self.generation.__dict__, "rubric": self.rubric.__dict__,
-             "prompts": [[p.id, p.user, p.expect.tool, p.expect.alternatives, p.expect.args] for p in self.prompts]},
+            {"kind": self.kind, "system": self.system_prompt, "gen": asdict(self.generation),
+             "rubric": asdict(self.rubric), "prompts": [asdict(p) for p in self.prompts]},
             sort_keys=True, default=list,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def messages(self, prompt) -> list[dict]:
+        """The chat sent for one prompt: the suite's system prompt and the user's request."""
+        if self.kind == "bfcl":
+            from mlx_ft import bfcl
+
+            return bfcl.messages(prompt)
+        return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": prompt.user}]
 
 
 def load_suite(path: str | Path) -> Suite:

