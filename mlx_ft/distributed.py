@@ -10,6 +10,7 @@ Only rank 0 writes run.json, metrics and checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -66,6 +67,10 @@ def train_distributed(cfg, ranks: int | None = None, hostfile: str | Path | None
             raise UserError(f"{run_dir} already exists; use --force to start over, or another --name")
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    from mlx_ft.models import resolve_model
+
+    # resolve (and if needed import) the model once here, not concurrently in every rank
+    cfg = dataclasses.replace(cfg, model=str(resolve_model(cfg.model, log=log).resolve()))
     config_path = write_json(run_dir / "launch-config.json", to_dict(cfg))
     cmd = launch_command(config_path, ranks, hostfile)
     log(f"launching {world} ranks: {' '.join(cmd)}")

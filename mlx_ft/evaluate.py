@@ -64,6 +64,8 @@ def single_target(model: str | Path | None, adapter: str | Path | None, out: str
     """A target from --model/--adapter, with its fingerprint if one was recorded next to it."""
     from mlx_ft.models import resolve_model
 
+    if model is None and adapter and (Path(adapter) / "adapter_config.json").is_file():
+        model = read_json(Path(adapter) / "adapter_config.json").get("model")  # the base it was trained on
     model = resolve_model(str(model) if model else None)
     fp, name, step, val = None, Path(model).name, None, None
     if adapter:
@@ -123,9 +125,14 @@ def evaluate_target(server: Server, suite: Suite, target: Target, *, resume: boo
     probe = server.verify(target.fingerprint, adapter=str(target.adapter) if target.adapter else None)
     todo = [p for p in suite.prompts if p.id not in done]
     gen = suite.generation
+    adapter = str(target.adapter) if target.adapter else None
+    if len(todo) > 1:
+        # One 1-token request first: the server caches the KV of the shared system prompt, and the
+        # concurrent batch below starts from that cache instead of prefilling it once per prompt.
+        server.chat(suite.messages(todo[0]), adapter=adapter, max_tokens=1, temperature=gen.temperature)
 
     def ask(prompt):
-        return prompt, server.chat(suite.messages(prompt), adapter=str(target.adapter) if target.adapter else None,
+        return prompt, server.chat(suite.messages(prompt), adapter=adapter,
                                    max_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p,
                                    stop=gen.stop_sequences)
 

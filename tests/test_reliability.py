@@ -112,3 +112,47 @@ def test_sigterm_during_fuse_leaves_no_half_written_folder(tmp_path, trained_run
     proc.wait(timeout=60)
     assert not out.exists()
     assert [p for p in tmp_path.iterdir() if p.name.startswith(".fused")] == []
+
+
+@pytest.mark.slow
+def test_server_killed_mid_eval_keeps_prompts_and_resume_completes(tmp_path, embedded_model):
+    suite = small_suite(tmp_path, n=27, max_tokens=48)
+    out = tmp_path / "o"
+    args = ["eval", "--prompts", str(suite), "--model", str(embedded_model), "--out", str(out), "--concurrency", "1"]
+    proc = _spawn(args)
+    child = int(_wait_for(proc, r"server pid (\d+) ready").group(1))
+    partial = out / "mini.partial.jsonl"
+    deadline = time.monotonic() + 120
+    while (not partial.exists() or len(partial.read_text().splitlines()) < 3) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    os.kill(child, signal.SIGKILL)  # the server dies mid-eval
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 1
+    assert "died" in err and "--resume" in err
+    kept = len(partial.read_text().splitlines())
+    assert 3 <= kept < 27 and not (out / "mini.json").exists()
+    done = subprocess.run([sys.executable, "-m", "mlx_ft", *args, "--resume"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"{kept} of 27 prompts already scored" in done.stderr
+    rec = json.loads((out / "mini.json").read_text())
+    assert len(rec["results"]) == 27 and not partial.exists()
+
+
+@pytest.mark.slow
+def test_sigkill_during_training_leaves_only_complete_checkpoints(tmp_path, tiny_data, embedded_model):
+    from mlx_ft.checkpoints import complete_checkpoints
+
+    args = ["train", "--name", "k", "--data", str(tiny_data), "--runs-dir", str(tmp_path / "runs"), "--iters", "6",
+            "--save-every", "2", "--batch-size", "2", "--num-layers", "2", "--lr", "1e-3", "--max-seq-length", "256"]
+    proc = _spawn(args)
+    _wait_for(proc, r"step 2: .* checkpoint saved")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    run = tmp_path / "runs" / "k"
+    steps = [c.step for c in complete_checkpoints(run)]
+    assert steps and steps[0] == 2 and steps[-1] < 6
+    for c in complete_checkpoints(run):  # every visible checkpoint is whole
+        assert (c.path / "adapters.safetensors").stat().st_size > 0 and (c.path / "adapter_config.json").exists()
+    done = subprocess.run([sys.executable, "-m", "mlx_ft", *args, "--resume"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert [c.step for c in complete_checkpoints(run)] == [2, 4, 6]
