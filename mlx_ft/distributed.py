@@ -46,7 +46,9 @@ def world_size(ranks: int | None, hostfile: str | Path | None) -> int:
 
 
 def launch_command(config_path: Path, ranks: int | None, hostfile: str | Path | None) -> list[str]:
-    cmd = [sys.executable, "-m", "mlx._distributed_utils.launch", "--backend", "ring"]
+    # what the mlx.launch console script runs (the module itself has no __main__ guard: `-m` would no-op)
+    cmd = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())",
+           "--backend", "ring"]
     cmd += ["--hostfile", str(hostfile)] if hostfile else ["-n", str(ranks)]
     preload = _blas.child_env({}).get("LD_PRELOAD")
     if preload:
