@@ -95,13 +95,14 @@ def _to_int(value: Any) -> int:
 def build(cls: type, data: Mapping[str, Any], path: str | Path, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``, collecting every problem; raise one ConfigError."""
     problems: list[str] = []
-    obj = _build(cls, data, prefix, problems)
+    obj = collect(cls, data, prefix, problems)
     if problems:
         raise ConfigError(path, problems)
     return obj
 
 
-def _build(cls: type, data: Mapping[str, Any], prefix: str, problems: list[str]) -> Any:
+def collect(cls: type, data: Mapping[str, Any], prefix: str, problems: list[str]) -> Any:
+    """Like :func:`build`, but appends problems to ``problems`` (for files built in parts)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
@@ -122,7 +123,7 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str, problems: list[str])
             if not isinstance(sub, Mapping):
                 problems.append(f"{key}: expected a mapping, got {sub!r}")
                 continue
-            values[name] = _build(tp, sub, key + ".", problems)
+            values[name] = collect(tp, sub, key + ".", problems)
         else:
             values[name] = _coerce(data[name], tp, key, problems)
     if any(p.startswith(prefix) for p in problems):

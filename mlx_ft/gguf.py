@@ -10,7 +10,6 @@ every tensor must land on a parameter and every parameter must be filled (seed 0
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path

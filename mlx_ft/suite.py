@@ -142,7 +142,7 @@ def load_suite(path: str | Path) -> Suite:
     tools, prompts = [], []
     for i, t in enumerate(raw.get("tools") or []):
         if isinstance(t, dict):
-            tools.append(cfgmod._build(Tool, t, f"tools[{i}].", problems))
+            tools.append(cfgmod.collect(Tool, t, f"tools[{i}].", problems))
         else:
             problems.append(f"tools[{i}]: expected a mapping with name and params, got {t!r}")
     for i, p in enumerate(raw.get("prompts") or []):
@@ -153,9 +153,9 @@ def load_suite(path: str | Path) -> Suite:
         if not isinstance(p.get("expect"), dict):
             problems.append(f"{label}.expect: required mapping with at least 'tool'")
             continue
-        prompts.append(cfgmod._build(Prompt, {**p, "expect": p["expect"]}, f"{label}.", problems))
+        prompts.append(cfgmod.collect(Prompt, {**p, "expect": p["expect"]}, f"{label}.", problems))
     head = {k: v for k, v in raw.items() if k not in ("tools", "prompts")}
-    suite = cfgmod._build(Suite, {**head, "tools": (), "prompts": ()}, "", problems)
+    suite = cfgmod.collect(Suite, {**head, "tools": (), "prompts": ()}, "", problems)
     if "format" in raw and raw["format"] != FORMAT:
         problems.append(f"format: {raw['format']!r} is not supported; this mlxft reads {FORMAT!r}")
     if not raw.get("tools"):

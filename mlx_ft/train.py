@@ -21,89 +21,21 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
 from mlx_ft import config as cfgmod
 from mlx_ft import data as datamod
-from mlx_ft.checkpoints import CHECKPOINTS, checkpoint_name, complete_checkpoints, write_checkpoint
-from mlx_ft.errors import ConfigError, TrainingError, UserError
+from mlx_ft.checkpoints import complete_checkpoints, write_checkpoint
+from mlx_ft.errors import TrainingError, UserError
 from mlx_ft.files import append_jsonl, read_json, read_jsonl, sha256, write_json, write_text
-
-
-@dataclass(frozen=True)
-class LoraConfig:
-    rank: int = 8
-    scale: float = 20.0
-    dropout: float = 0.0
-
-    def check(self) -> list[str]:
-        problems = []
-        if self.rank < 1:
-            problems.append(f"rank: must be at least 1, got {self.rank}")
-        if not 0 <= self.dropout < 1:
-            problems.append(f"dropout: must be in [0, 1), got {self.dropout}")
-        return problems
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    """Everything that defines a run. Saved resolved in ``run.json``."""
-
-    name: str = "demo"
-    model: str | None = None  # None: the embedded SmolLM2-135M-Instruct, imported once
-    data: str = "data/tools"
-    runs_dir: str = "runs"
-    fine_tune_type: Literal["lora", "dora", "full"] = "lora"
-    num_layers: int = 8
-    lora: LoraConfig = field(default_factory=LoraConfig)
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    learning_rate: float = 1e-4
-    iters: int = 100
-    batch_size: int = 4
-    grad_accumulation: int = 1
-    seed: int = 0
-    max_seq_length: int = 2048
-    save_every: int = 25
-    mask_prompt: bool = True
-    allow_truncation: bool = False
-    grad_checkpoint: bool = False
-    divergence_factor: float = 3.0  # stop when the recent loss mean exceeds this × the first
-    eval_suite: str | None = None  # to warn when its system prompt differs from the data's
-
-    def check(self) -> list[str]:
-        p = []
-        for key in ("iters", "batch_size", "save_every", "grad_accumulation", "max_seq_length"):
-            if getattr(self, key) < 1:
-                p.append(f"{key}: must be a positive integer, got {getattr(self, key)}")
-        if self.num_layers < 1 and self.num_layers != -1:
-            p.append(f"num_layers: must be positive (or -1 for all layers), got {self.num_layers}")
-        if not self.learning_rate > 0:
-            p.append(f"learning_rate: must be > 0, got {self.learning_rate}")
-        if self.seed < 0:
-            p.append(f"seed: must be >= 0, got {self.seed}")
-        if self.divergence_factor <= 1:
-            p.append(f"divergence_factor: must be > 1, got {self.divergence_factor}")
-        if not self.name or "/" in self.name or self.name.startswith("."):
-            p.append(f"name: {self.name!r} must be a plain folder name")
-        return p
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.runs_dir) / self.name
-
-
-def load_config(path: str | Path | None, overrides: dict | None = None) -> TrainConfig:
-    """YAML file (optional) with CLI overrides on top; every problem reported at once."""
-    data = cfgmod.read_yaml(path) if path else {}
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            data[key] = value
-    return cfgmod.build(TrainConfig, data, path or "command line")
+from mlx_ft.preflight import Prepared, prepare
+from mlx_ft.recipe import LoraConfig, TrainConfig, adapter_config, load_config
 
 
 def versions() -> dict:
-    import mlx.core as mx
     from importlib.metadata import version
+
+    import mlx.core as mx
 
     from mlx_ft import __version__, _blas
 
@@ -117,107 +49,6 @@ def versions() -> dict:
         "fast_blas": _blas.loaded,
     }
 
-
-# ---------------------------------------------------------------- preflight
-
-
-@dataclass
-class Prepared:
-    cfg: TrainConfig
-    model_path: Path
-    model: object
-    tokenizer: object
-    splits: dict[str, list[dict]]
-    lengths: datamod.LengthReport
-    trainable: int
-    total: int
-    warnings: list[str]
-
-
-def prepare(cfg: TrainConfig, log: Callable[[str], None]) -> Prepared:
-    """Everything that can fail before the first step does fail here, loudly."""
-    from mlx.utils import tree_flatten
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-    from mlx_lm.utils import load
-
-    from mlx_ft.models import resolve_model
-
-    splits = datamod.load_splits(cfg.data)
-    for split, rows in splits.items():
-        if len(rows) < cfg.batch_size:
-            raise ConfigError(
-                datamod.split_path(cfg.data, split),
-                f"{len(rows)} example(s) but batch_size is {cfg.batch_size}; add examples or lower batch_size",
-            )
-    model_path = resolve_model(cfg.model, log=log)
-    model, tokenizer = load(str(model_path))
-    warnings = []
-
-    lengths = datamod.length_report(splits["train"] + splits["valid"], tokenizer, cfg.max_seq_length)
-    n_train = len(splits["train"])
-
-    def where(lines: list[int]) -> str:
-        named = [f"train.jsonl:{n}" if n <= n_train else f"valid.jsonl:{n - n_train}" for n in lines[:5]]
-        return ", ".join(named) + (" ..." if len(lines) > 5 else "")
-
-    if lengths.prompt_overflow:
-        raise ConfigError(
-            cfg.data,
-            f"{len(lengths.prompt_overflow)} example(s) have a prompt of at least max_seq_length="
-            f"{cfg.max_seq_length} tokens ({where(lengths.prompt_overflow)}): nothing of the answer is "
-            "left to train on and mlx-lm's loss becomes NaN; raise max_seq_length or shorten the prompts",
-        )
-    if lengths.truncated:
-        msg = (
-            f"{len(lengths.truncated)} example(s) are longer than max_seq_length={cfg.max_seq_length} "
-            f"(longest {lengths.max_tokens} tokens; {where(lengths.truncated)}): mlx-lm keeps only the head, "
-            "cutting off the end of the answer"
-        )
-        if not cfg.allow_truncation:
-            raise ConfigError(cfg.data, msg + "; raise max_seq_length, or pass --allow-truncation to accept it")
-        warnings.append(msg)
-
-    if cfg.eval_suite:
-        from mlx_ft.suite import load_suite
-
-        suite = load_suite(cfg.eval_suite)
-        trained = datamod.system_prompts(splits["train"])
-        if suite.system_prompt not in trained:
-            warnings.append(
-                f"the system prompt of {cfg.eval_suite} differs from every system prompt in the training data "
-                f"({len(trained)} distinct); the eval will measure a prompt the model never trained on (seed 004)"
-            )
-
-    model.freeze()
-    if cfg.num_layers > len(model.layers):
-        raise ConfigError("config", f"num_layers: {cfg.num_layers} but the model has only {len(model.layers)} layers")
-    if cfg.fine_tune_type == "full":
-        for layer in model.layers[-max(cfg.num_layers, 0):]:
-            layer.unfreeze()
-    else:
-        linear_to_lora_layers(model, cfg.num_layers, lora_parameters(cfg), use_dora=cfg.fine_tune_type == "dora")
-    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    total = sum(v.size for _, v in tree_flatten(model.parameters()))
-    if trainable == 0:
-        raise TrainingError(
-            "no trainable parameters: every weight is frozen, training would learn nothing (seed 001); "
-            "check fine_tune_type and num_layers"
-        )
-    return Prepared(cfg, model_path, model, tokenizer, splits, lengths, trainable, total, warnings)
-
-
-def lora_parameters(cfg: TrainConfig) -> dict:
-    return {"rank": cfg.lora.rank, "scale": cfg.lora.scale, "dropout": cfg.lora.dropout}
-
-
-def adapter_config(cfg: TrainConfig, model_path: Path) -> dict:
-    """What ``mlx_lm.load(adapter_path=...)`` reads (plus the base path, absolute)."""
-    return {
-        "model": str(Path(model_path).resolve()),
-        "fine_tune_type": cfg.fine_tune_type,
-        "num_layers": cfg.num_layers,
-        "lora_parameters": lora_parameters(cfg) if cfg.fine_tune_type != "full" else None,
-    }
 
 
 # ---------------------------------------------------------------- training
@@ -537,4 +368,4 @@ def smoke(cfg: TrainConfig, steps: int, log: Callable[[str], None]) -> dict:
     return result
 
 
-__all__ = ["TrainConfig", "LoraConfig", "load_config", "train", "smoke", "CHECKPOINTS", "checkpoint_name"]
+__all__ = ["TrainConfig", "LoraConfig", "load_config", "train", "smoke", "Guard"]

@@ -79,7 +79,7 @@ def main() -> None:
         tmp = Path(tmp)
         print(f"naive: {len(targets)} fresh servers, {len(suite.prompts)} sequential requests each", file=sys.stderr)
         t_naive, out_naive = naive(targets, suite, tmp)
-        print(f"mlxft: one server, per-request adapters, concurrent prompts", file=sys.stderr)
+        print("mlxft: one server, per-request adapters, concurrent prompts", file=sys.stderr)
         t_ours, out_ours = ours(targets, suite, tmp / "ours")
     same = sum(out_naive[k] == out_ours.get(k) for k in out_naive)
     diffs = [k for k in out_naive if out_naive[k] != out_ours.get(k)]

@@ -66,6 +66,9 @@ class FakeServer:
         return {"token_ids": [], "logprobs": [], "text": who}
 
     def chat(self, messages, adapter=None, **kw):
+        if kw.get("max_tokens") == 1:  # evaluate()'s cache warm-up request: not a scored prompt
+            self.warmups = getattr(self, "warmups", 0) + 1
+            return Reply("x", "length", 1, 30, 0.01)
         self.calls += 1
         if self.die_after is not None and self.calls > self.die_after:
             self.dead = True
