@@ -98,11 +98,9 @@ class Run:
     start_step: int = 0
     t0: float = field(default_factory=time.perf_counter)
     tokens: int = 0
-    last_loss: float = float("nan")
     optimizer: object = None
     val_set: object = None
     guard: Guard | None = None
-    first_losses: list[float] = field(default_factory=list)
     tokens_before: int = 0  # from the checkpoint we resumed, if any
     wall_before: float = 0.0
     rank: int = 0  # only rank 0 writes files
@@ -126,8 +124,6 @@ class Run:
         step = info["iteration"] + self.start_step
         loss = float(info["train_loss"])
         self.tokens = self.tokens_before + int(info["trained_tokens"])
-        self.last_loss = loss
-        self.first_losses.append(loss)
         row = {
             "step": step,
             "train_loss": loss,
@@ -312,7 +308,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None, resume:
                        checkpoints=[c.name for c in complete_checkpoints(run_dir)])
         if rank == 0:
             write_json(run_dir / "run.json", summary)
-    learned = run.first_losses
+    learned = run.guard.losses  # every step's loss of this session, as the guard saw it
     if len(learned) >= 4:
         head, tail = _mean(learned[: len(learned) // 4 or 1]), _mean(learned[-(len(learned) // 4 or 1):])
         summary["loss_start_end"] = [round(head, 4), round(tail, 4)]

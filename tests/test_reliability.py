@@ -66,8 +66,11 @@ def _alive(pid: int) -> bool:
 
 
 def _spawn(args: list[str]) -> subprocess.Popen:
+    # SIGINT back to its default: a shell starts background jobs (CI, nohup-style runs) with SIGINT
+    # ignored, and Python then never raises KeyboardInterrupt -- not the Ctrl-C this test is about
     return subprocess.Popen([sys.executable, "-m", "mlx_ft", *args], stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(proc: subprocess.Popen, pattern: str, timeout: float = 180) -> re.Match:
