@@ -207,8 +207,9 @@ def import_gguf(
         mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
         write_json(tmp / "config.json", config)
         tokenizer.save(str(tmp / "tokenizer.json"))
-        write_json(tmp / "tokenizer_config.json", tokenizer_config(meta))
-        write_json(tmp / "special_tokens_map.json", {k: v for k, v in tokenizer_config(meta).items() if k.endswith("_token")})
+        tok_cfg = tokenizer_config(meta)
+        write_json(tmp / "tokenizer_config.json", tok_cfg)
+        write_json(tmp / "special_tokens_map.json", {k: v for k, v in tok_cfg.items() if k.endswith("_token")})
         report = {"source": str(gguf_path.resolve()), "dtype": dtype, "tensors": len(weights)}
         if verify:
             report.update(verify_model(tmp))

@@ -123,7 +123,9 @@ def guard_check(run_dir: str | Path, guard: str, alpha: float = ALPHA) -> dict:
     McNemar on shared prompt ids): those forgot general skill and may not be chosen."""
     from scipy.stats import binomtest
 
-    name = guard.replace(":", "_").replace(",", "+") if guard.startswith("bfcl:") else guard
+    from mlx_ft.bfcl import suite_name
+
+    name = suite_name(guard) if guard.startswith("bfcl:") else guard
     cands = candidates(run_dir, name)
     base = next(c for c in cands if c.name == BASE)
     out = {"suite": name, "alpha": alpha, "base_pass_rate": round(float(base.passed.mean()), 4),
