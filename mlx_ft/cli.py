@@ -122,10 +122,13 @@ TRAIN_KEYS = ("name", "model", "data", "runs_dir", "fine_tune_type", "num_layers
 @click.option("--ranks", type=int, help="Data-parallel over N local processes (mlx.launch, ring backend).")
 @click.option("--hosts", "hostfile", type=click.Path(dir_okay=False, path_type=Path),
               help="Data-parallel over the hosts of an mlx.launch JSON hostfile (docs/distributed.md).")
+@click.option("--spread", is_flag=True,
+              help="With --seeds and --hosts: one seed per host at a time (not data-parallel); each run "
+                   "folder is copied back here.")
 @click.option("--worker", is_flag=True, hidden=True, help="Internal: one rank started by mlx.launch.")
 @click.option("--json", "as_json", is_flag=True)
 @errors
-def train(config_path, seeds, smoke, smoke_steps, resume, force, ranks, hostfile, worker, as_json, mask_prompt,
+def train(config_path, seeds, smoke, smoke_steps, resume, force, ranks, hostfile, spread, worker, as_json, mask_prompt,
           allow_truncation, **flags):
     """Train with mlx-lm, writing a loadable checkpoint every --save-every steps.
 
@@ -161,9 +164,17 @@ def train(config_path, seeds, smoke, smoke_steps, resume, force, ranks, hostfile
         return
     if (ranks or hostfile) and (smoke or resume):
         raise UserError("--ranks/--hosts cannot be combined with --smoke or --resume")
+    if spread:
+        if not (hostfile and seeds) or ranks:
+            raise UserError("--spread runs one seed per host: give --seeds and --hosts (and no --ranks)")
+        _train_spread(configs, hostfile, force)
     results = []
     for c in configs:
-        if ranks or hostfile:
+        if spread:
+            from mlx_ft.files import read_json
+
+            summary = read_json(c.run_dir / "run.json")
+        elif ranks or hostfile:
             from mlx_ft.distributed import train_distributed
 
             summary = train_distributed(c, ranks, hostfile, force=force, log=log)
@@ -176,14 +187,55 @@ def train(config_path, seeds, smoke, smoke_steps, resume, force, ranks, hostfile
                    for r in results))
 
 
-@main.command()
-@click.option("--json", "as_json", is_flag=True)
-def doctor(as_json: bool) -> None:
-    """Backend, versions, measured matmul speed, and what to fix if it is slow."""
-    from mlx_ft.doctor import diagnose, format_report
+def _train_spread(configs, hostfile, force: bool) -> None:
+    """Each seed's run as a job on some host of the hostfile (see hosts.py)."""
+    from mlx_ft.config import to_dict
+    from mlx_ft.errors import OutputExistsError
+    from mlx_ft.files import write_json
+    from mlx_ft.hosts import Job, load_hosts, mlxft_argv, spread
 
-    report = diagnose()
-    emit(report, as_json, format_report(report))
+    hosts = load_hosts(hostfile)
+    taken = [str(c.run_dir) for c in configs if c.run_dir.exists() and any(c.run_dir.iterdir())]
+    if taken and not force:
+        raise OutputExistsError(f"{', '.join(taken)} already exist(s); use --force to start over, or another --name")
+    jobs = []
+    for c in configs:
+        staged = write_json(Path(c.runs_dir) / ".spread" / f"{c.name}.json", to_dict(c))
+        jobs.append(Job(f"seed {c.seed} ({c.run_dir})",
+                        mlxft_argv("train", "-c", str(staged.resolve()), *(["--force"] if force else [])),
+                        outputs=[c.run_dir], inputs=[staged]))
+    log(f"spreading {len(jobs)} seed run(s) over {len(hosts)} host(s), one job per host at a time")
+    spread(jobs, hosts, log=log)
+
+
+@main.command()
+@click.option("--model", help="Model folder that must be present (default: the embedded model).")
+@click.option("--data", help="Data folder that must hold train.jsonl.")
+@click.option("--hosts", "hostfile", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also check every host of an mlx.launch hostfile: reachable over ssh, the same "
+                   "mlx/mlx-lm/mlxft versions as here, the model and data present at the same paths.")
+@click.option("--json", "as_json", is_flag=True)
+@errors
+def doctor(model, data, hostfile, as_json: bool) -> None:
+    """Backend, versions, measured matmul speed, and what to fix if it is slow.
+
+    Exits 1 when something must be fixed before training here (or, with --hosts, on some host).
+    """
+    from mlx_ft.doctor import check_hosts, diagnose, format_hosts, format_report, paths_report
+
+    report = {**diagnose(), "paths": paths_report(model, data)}
+    bad = bool(report["fix"]) or not all(p["present"] for p in report["paths"].values())
+    if hostfile:
+        from mlx_ft.hosts import load_hosts
+
+        rows = check_hosts(load_hosts(hostfile), report, model, data)
+        report["hosts"] = rows
+        bad = bad or any(r["problems"] for r in rows)
+        emit(report, as_json, format_report(report) + "\n\n" + format_hosts(rows))
+    else:
+        emit(report, as_json, format_report(report))
+    if bad:
+        sys.exit(1)
 
 
 def _register_later_commands() -> None:

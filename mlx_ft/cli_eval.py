@@ -54,14 +54,27 @@ def eval_tables(records: list[dict]) -> str:
 @click.option("--adapter", type=click.Path(file_okay=False, path_type=Path), help="Checkpoint folder to apply.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
               help="Where results go for --model/--adapter (default: next to the target).")
-@click.option("--port", type=int, help="Port for the server (default: a free one). A taken port is refused.")
-@click.option("--concurrency", type=int, default=32, show_default=True, help="Concurrent requests per target.")
+@click.option("--engine", type=click.Choice(["batched", "server"]), default="batched", show_default=True,
+              help="batched: every target of a base model in one in-process batch (fastest; greedy only). "
+                   "server: an isolated mlx_lm.server per base model, targets one after another.")
+@click.option("--port", type=int, help="Server engine: port for the server (default: a free one). A taken port is refused.")
+@click.option("--concurrency", type=int, default=256, show_default=True,
+              help="Most sequences generated at once (batched: rows per wave, also capped so the wave's KV "
+                   "cache fits in a quarter of free memory; server: requests in flight).")
+@click.option("--only", help="With --run: evaluate only these targets (comma-separated, e.g. base,step_000100).")
+@click.option("--hosts", "hostfile", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --run: deal the targets over the hosts of an mlx.launch hostfile, one job per host; "
+                   "results are copied back into RUN/evals/ (docs/distributed.md).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted eval, keeping finished prompts.")
 @click.option("--force", is_flag=True, help="Re-evaluate targets that already have results.")
 @click.option("--json", "as_json", is_flag=True, help="Print all results as JSON.")
 @errors
-def eval_cmd(suite_path, limit, run_dir, model, adapter, out, port, concurrency, resume, force, as_json):
-    """Score targets on a tool-call suite through an isolated mlx_lm.server.
+def eval_cmd(suite_path, limit, run_dir, model, adapter, out, engine, port, concurrency, only, hostfile, resume, force,
+             as_json):
+    """Score targets (base model, checkpoints, a fused model) on a tool-call suite.
+
+    Every target must first answer a fixed probe exactly as recorded when it was written (token
+    ids and log-probabilities), so a wrong or silently ignored adapter is refused, not scored.
 
     Results: RUN/evals/<checkpoint>/<suite>.json (every prompt's raw text, score, strict pass,
     failure code, tokens, latency; totals per suite and category).
@@ -69,14 +82,52 @@ def eval_cmd(suite_path, limit, run_dir, model, adapter, out, port, concurrency,
     from mlx_ft.errors import UserError
     from mlx_ft.evaluate import evaluate, run_targets, single_target
     suite = open_suite(suite_path, limit)
+    if concurrency < 1:
+        raise UserError(f"--concurrency {concurrency}: must be at least 1")
+    if port is not None and engine != "server":
+        raise UserError("--port is for --engine server (the batched engine runs in-process and opens no port)")
     if port is not None and not 1 <= port <= 65535:
         raise UserError(f"--port {port} is out of range; use 1-65535, or leave it out to pick a free port")
     if run_dir and (model or adapter):
         raise UserError("give either --run or --model/--adapter, not both")
+    if (only or hostfile) and not run_dir:
+        raise UserError("--only and --hosts select among a run's targets: give --run")
     targets = run_targets(run_dir) if run_dir else [single_target(model, adapter, out)]
-    records = evaluate(targets, suite, port=port, resume=resume, force=force, concurrency=concurrency, log=log,
+    if only:
+        names = [n.strip() for n in only.split(",") if n.strip()]
+        unknown = sorted(set(names) - {t.name for t in targets})
+        if unknown:
+            raise UserError(f"--only {','.join(unknown)}: not a target of {run_dir}; its targets are "
+                            f"{', '.join(t.name for t in targets)}")
+        targets = [t for t in targets if t.name in names]
+    if hostfile:
+        records = _eval_spread(targets, suite, hostfile, suite_path=suite_path, limit=limit, run_dir=run_dir,
+                               engine=engine, concurrency=concurrency, resume=resume, force=force)
+        emit(records, as_json, eval_tables(records))
+        return
+    records = evaluate(targets, suite, engine=engine, port=port, resume=resume, force=force,
+                       concurrency=concurrency, log=log,
                        log_dir=Path(run_dir) if run_dir else None)
     emit(records, as_json, eval_tables(records))
+
+
+def _eval_spread(targets, suite, hostfile, *, suite_path, limit, run_dir, engine, concurrency, resume, force):
+    """Deal the targets over the hosts; each host runs `mlxft eval --only` on its hand (hosts.py)."""
+    from mlx_ft.files import read_json
+    from mlx_ft.hosts import Job, deal, load_hosts, mlxft_argv, spread
+
+    hosts = load_hosts(hostfile)
+    suite_file = Path(suite_path).resolve() if Path(suite_path).is_file() else None  # else bfcl:...
+    common = ["eval", "--run", str(Path(run_dir).resolve()), "--prompts", str(suite_file or suite_path), "--engine", engine,
+              "--concurrency", str(concurrency)]
+    common += (["--limit", str(limit)] if limit else []) + (["--resume"] if resume else [])
+    common += ["--force"] if force else []
+    jobs = [Job(f"eval {','.join(t.name for t in hand)}", mlxft_argv(*common, "--only", ",".join(t.name for t in hand)),
+                outputs=[t.out_dir for t in hand], inputs=[suite_file] if suite_file else [])
+            for hand in deal(targets, len(hosts))]
+    log(f"spreading {len(targets)} target(s) over {len(jobs)} host(s)")
+    spread(jobs, hosts, log=log)
+    return [read_json(t.result_path(suite)) for t in targets]
 
 
 def _register() -> None:

@@ -21,6 +21,29 @@ def matmul_gflops(n: int = 512, repeats: int = 5) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - t) / 1e9
 
 
+def paths_report(model: str | None, data: str | None) -> dict:
+    """Whether the model (default: the embedded model's cache, or its GGUF to import it from) and
+    the data folder are present here, without importing or loading anything."""
+    from pathlib import Path
+
+    from mlx_ft import models
+
+    out: dict = {}
+    if model in (None, "", "default"):
+        cached = models.home() / "models" / f"{models.DEFAULT_NAME}-{models.DEFAULT_DTYPE}"
+        try:
+            gguf_ok = models.default_gguf().is_file()
+        except Exception:  # noqa: BLE001 -- not installed: reported as missing
+            gguf_ok = False
+        out["model"] = {"path": str(cached), "present": models.is_model_dir(cached) or gguf_ok}
+    else:
+        out["model"] = {"path": str(Path(model).resolve()), "present": models.is_model_dir(Path(model))}
+    if data:
+        d = Path(data)
+        out["data"] = {"path": str(d.resolve()), "present": (d / "train.jsonl").is_file()}
+    return out
+
+
 def diagnose() -> dict:
     import mlx.core as mx
     from importlib.metadata import PackageNotFoundError, version
@@ -56,5 +79,70 @@ def format_report(r: dict) -> str:
     lines = [f"backend      {r['backend']} ({r['device']})", f"platform     {r['platform']}"]
     lines += [f"{k:<12} {v or 'not installed'}" for k, v in r["versions"].items()]
     lines += [f"blas         {r['blas']}", f"matmul       {r['matmul_gflops_512']} GFLOP/s (512x512 float32)"]
+    for what, info in r.get("paths", {}).items():
+        lines.append(f"{what:<12} {info['path']} ({'present' if info['present'] else 'MISSING'})")
     lines.append(f"fix          {r['fix']}" if r["fix"] else "status       ok")
     return "\n".join(lines)
+
+
+COMPARED = ("mlx", "mlx-lm", "mlxft")
+
+
+def check_hosts(hosts, here: dict, model: str | None, data: str | None, *, run=None, timeout: float = 180) -> list[dict]:
+    """Run ``mlxft doctor --json`` on every host (in parallel) and compare it with ``here``.
+
+    Each row: host, reachable, versions, matmul GFLOP/s, model/data presence, and ``problems``
+    (empty when the host can take jobs)."""
+    import concurrent.futures as cf
+    import json
+    import subprocess
+
+    from mlx_ft.hosts import command, mlxft_argv
+
+    run = run or subprocess.run
+    args = ["doctor", "--json"] + (["--model", model] if model else []) + (["--data", data] if data else [])
+
+    def one(host) -> dict:
+        row = {"host": host.name, "reachable": False, "problems": []}
+        try:
+            r = run(command(host, mlxft_argv(*args)), capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            row["problems"].append(f"no answer within {timeout:.0f} s")
+            return row
+        try:  # doctor exits 1 when it finds a problem; its JSON report is there either way
+            remote = json.loads(r.stdout)
+        except ValueError:
+            remote = None
+        if remote is None:
+            why = (r.stderr or r.stdout).strip().splitlines()[-1:] or [f"exit code {r.returncode}"]
+            row["problems"].append(f"unreachable or mlxft not runnable there: {why[0]}")
+            return row
+        row.update(reachable=True, versions=remote["versions"], backend=remote["backend"],
+                   matmul_gflops_512=remote["matmul_gflops_512"], paths=remote.get("paths", {}))
+        for pkg in COMPARED:
+            if remote["versions"].get(pkg) != here["versions"].get(pkg):
+                row["problems"].append(f"{pkg} {remote['versions'].get(pkg)} (here {here['versions'].get(pkg)})")
+        for what, info in remote.get("paths", {}).items():
+            if not info["present"]:
+                row["problems"].append(f"{what} missing: {info['path']}")
+        if remote.get("fix"):
+            row["problems"].append(remote["fix"])
+        return row
+
+    with cf.ThreadPoolExecutor(max_workers=max(1, len(hosts))) as pool:
+        return list(pool.map(one, hosts))
+
+
+def format_hosts(rows: list[dict]) -> str:
+    from mlx_ft.tables import table
+
+    body = []
+    for r in rows:
+        v = r.get("versions", {})
+        paths = r.get("paths", {})
+        body.append([r["host"], "yes" if r["reachable"] else "no", v.get("mlx") or "-", v.get("mlx-lm") or "-",
+                     v.get("mlxft") or "-", str(r.get("matmul_gflops_512", "-")),
+                     *("yes" if paths.get(k, {}).get("present") else ("-" if k not in paths else "NO")
+                       for k in ("model", "data")),
+                     "; ".join(r["problems"]) or "ok"])
+    return table(["host", "reachable", "mlx", "mlx-lm", "mlxft", "GFLOP/s", "model", "data", "status"], body)

@@ -227,7 +227,9 @@ def compare_with_adapter(out: Path, adapter: Path, suite, *, kernels: str = "aut
             log(f"evaluating the fused weights dequantized to float32 ({served}): same values, CPU-fast kernels")
         fused_target = Target(out.name, served, None, out / "evals", fingerprint=record["fingerprint"])
         fused_rec, adapter_rec = None, None
-        for rec in evaluate([adapter_target, fused_target], suite, port=port, log=log, log_dir=out / "evals"):
+        engine = "server" if port else "batched"  # a port only means something to the server engine
+        for rec in evaluate([adapter_target, fused_target], suite, engine=engine, port=port, log=log,
+                            log_dir=out / "evals"):
             if rec["target"]["adapter"]:
                 adapter_rec = rec
             else:

@@ -2,9 +2,11 @@
 """Eval throughput: mlxft's eval vs the naive way, side by side in one run, outputs compared.
 
 naive: a fresh ``mlx_lm.server --adapter-path CKPT`` per target, one request at a time (what the
-seed user did). mlxft: ``mlx_ft.evaluate.evaluate`` -- one server per base model, per-request
-adapters, all prompts of a target in flight at once, identity checks on. Prints both wall times,
-the ratio, and how many greedy outputs are identical prompt by prompt.
+seed user did). mlxft, both engines of ``mlx_ft.evaluate.evaluate`` with identity checks on:
+``batched`` (the default: every target in one in-process batch, one row per prompt and target) and
+``server`` (one isolated server per base model, per-request adapters, a target's prompts in flight
+at once). Prints the wall times, the ratios to naive, and how many greedy outputs are identical to
+naive's, prompt by prompt. Each timing includes model loading and the identity probes.
 
     python scripts/bench_eval.py --run runs/demo            # base + every checkpoint × full suite
     python scripts/bench_eval.py --run runs/demo --quick    # 2 targets × 6 prompts (CI smoke)
@@ -55,10 +57,10 @@ def naive(targets, suite, log_dir: Path) -> tuple[float, dict]:
     return time.perf_counter() - t0, outputs
 
 
-def ours(targets, suite, out_root: Path) -> tuple[float, dict]:
+def ours(targets, suite, out_root: Path, engine: str) -> tuple[float, dict]:
     moved = [dataclasses.replace(t, out_dir=out_root / t.name) for t in targets]
     t0 = time.perf_counter()
-    records = evaluate(moved, suite, log=lambda s: print("  " + s, file=sys.stderr), log_dir=out_root)
+    records = evaluate(moved, suite, engine=engine, log=lambda s: print("  " + s, file=sys.stderr), log_dir=out_root)
     seconds = time.perf_counter() - t0
     return seconds, {(r["target"]["name"], x["id"]): x["text"] for r in records for x in r["results"]}
 
@@ -79,21 +81,28 @@ def main() -> None:
         tmp = Path(tmp)
         print(f"naive: {len(targets)} fresh servers, {len(suite.prompts)} sequential requests each", file=sys.stderr)
         t_naive, out_naive = naive(targets, suite, tmp)
-        print("mlxft: one server, per-request adapters, concurrent prompts", file=sys.stderr)
-        t_ours, out_ours = ours(targets, suite, tmp / "ours")
-    same = sum(out_naive[k] == out_ours.get(k) for k in out_naive)
-    diffs = [k for k in out_naive if out_naive[k] != out_ours.get(k)]
+        timings, same, diffs = {}, {}, {}
+        for engine in ("batched", "server"):
+            print(f"mlxft --engine {engine}", file=sys.stderr)
+            timings[engine], out = ours(targets, suite, tmp / engine, engine)
+            same[engine] = sum(out_naive[k] == out.get(k) for k in out_naive)
+            diffs[engine] = [list(k) for k in out_naive if out_naive[k] != out.get(k)]
     result = {"targets": len(targets), "prompts": len(suite.prompts), "max_tokens": suite.generation.max_tokens,
-              "naive_s": round(t_naive, 1), "mlxft_s": round(t_ours, 1), "speedup": round(t_naive / t_ours, 2),
-              "identical_outputs": same, "outputs": len(out_naive), "differing": [list(k) for k in diffs]}
+              "naive_s": round(t_naive, 1), "outputs": len(out_naive),
+              **{f"{e}_s": round(t, 1) for e, t in timings.items()},
+              **{f"{e}_speedup": round(t_naive / t, 2) for e, t in timings.items()},
+              **{f"{e}_identical": same[e] for e in timings}, "differing": diffs}
     if a.json:
         print(json.dumps(result, indent=2))
-    else:
-        print(f"targets × prompts      {result['targets']} × {result['prompts']} (max_tokens {result['max_tokens']})")
-        print(f"naive (fresh server per target, sequential)  {result['naive_s']} s")
-        print(f"mlxft (one server, concurrent, adapters)     {result['mlxft_s']} s")
-        print(f"speedup                {result['speedup']}x")
-        print(f"identical outputs      {same}/{len(out_naive)}" + (f"  differing: {diffs[:5]}" if diffs else ""))
+        return
+    n = len(out_naive)
+    print(f"targets × prompts   {result['targets']} × {result['prompts']} (max_tokens {result['max_tokens']})")
+    print(f"{'way':<52} {'wall':>8} {'speedup':>8} {'identical':>10}")
+    print(f"{'naive: fresh server per target, sequential':<52} {t_naive:>7.1f}s {'1.00x':>8} {'-':>10}")
+    for engine, label in (("batched", "mlxft --engine batched (default)"),
+                          ("server", "mlxft --engine server")):
+        print(f"{label:<52} {timings[engine]:>7.1f}s {t_naive / timings[engine]:>7.2f}x "
+              f"{same[engine]:>5}/{n:<4}" + (f"  differing: {diffs[engine][:5]}" if diffs[engine] else ""))
 
 
 if __name__ == "__main__":

@@ -59,7 +59,8 @@ def setup_case(tmp_path, kind):
         "suite_unknown_tool": lambda: suite(lambda d: d["prompts"][0]["expect"].update(tool="nope")),
         "suite_bad_rubric": lambda: suite(lambda d: d["rubric"].update(direct=1.5)),
         "suite_unknown_key": lambda: suite(lambda d: d.update(temperature=0)),
-        "eval_port_out_of_range": lambda: ["eval", "--model", str(tmp_path), "--port", "70000"],
+        "eval_port_out_of_range": lambda: ["eval", "--model", str(tmp_path), "--engine", "server", "--port", "70000"],
+        "eval_port_without_server": lambda: ["eval", "--model", str(tmp_path), "--port", "8080"],
         "eval_run_without_manifests": lambda: (tmp_path / "runs" / "x").mkdir(parents=True) or
         ["eval", "--run", str(tmp_path / "runs" / "x")],
         "pick_best_not_a_run": lambda: ["pick-best", "--run", str(tmp_path)],

@@ -92,7 +92,7 @@ def test_run_targets_are_base_plus_complete_checkpoints(tmp_path):
 
 def test_evaluate_writes_per_target_results(tmp_path):
     run = fake_run(tmp_path)
-    records = evaluate(run_targets(run), suite, server_factory=factory())
+    records = evaluate(run_targets(run), suite, engine="server", server_factory=factory())
     assert [r["target"]["name"] for r in records] == ["base", "step_000010", "step_000020"]
     base, ckpt = records[0], records[1]
     assert base["summary"]["score"] == 0 and base["summary"]["codes"] == {"prose": len(suite.prompts)}
@@ -106,10 +106,10 @@ def test_evaluate_writes_per_target_results(tmp_path):
 
 def test_existing_results_are_reused_not_redone(tmp_path):
     run = fake_run(tmp_path)
-    evaluate(run_targets(run), suite, server_factory=factory())
+    evaluate(run_targets(run), suite, engine="server", server_factory=factory())
     before = (run / "evals" / "base" / "tools.json").read_bytes()
     n = len(FakeServer.instances)
-    evaluate(run_targets(run), suite, server_factory=factory())
+    evaluate(run_targets(run), suite, engine="server", server_factory=factory())
     assert (run / "evals" / "base" / "tools.json").read_bytes() == before
     assert FakeServer.instances[n:] == []  # no server started at all
 
@@ -118,17 +118,17 @@ def test_server_death_keeps_finished_prompts_and_resume_completes(tmp_path):
     run = fake_run(tmp_path, steps=(10,))
     targets = run_targets(run)[1:]
     with pytest.raises(ServerError, match="died.*--resume"):
-        evaluate(targets, suite, server_factory=factory(die_after=5), concurrency=1)
+        evaluate(targets, suite, engine="server", server_factory=factory(die_after=5), concurrency=1)
     partial = run / "evals" / "step_000010" / "tools.partial.jsonl"
     kept = [json.loads(x) for x in partial.read_text().splitlines()]
     assert len(kept) == 5
     with pytest.raises(UserError, match="--resume"):
-        evaluate(targets, suite, server_factory=factory())
-    records = evaluate(targets, suite, server_factory=factory(), resume=True)
+        evaluate(targets, suite, engine="server", server_factory=factory())
+    records = evaluate(targets, suite, engine="server", server_factory=factory(), resume=True)
     assert FakeServer.instances[-1].calls == len(suite.prompts) - 5  # only the rest was asked
     assert records[0]["summary"]["pass_rate"] == 1.0 and not partial.exists()
     # identical to an uninterrupted eval, prompt by prompt
-    fresh = evaluate(run_targets(fake_run(tmp_path / "b", steps=(10,)))[1:], suite, server_factory=factory())
+    fresh = evaluate(run_targets(fake_run(tmp_path / "b", steps=(10,)))[1:], suite, engine="server", server_factory=factory())
     strip = lambda rs: [{k: v for k, v in r.items() if k != "latency_s"} for r in rs]  # noqa: E731
     assert strip(records[0]["results"]) == strip(fresh[0]["results"])
 
@@ -136,14 +136,14 @@ def test_server_death_keeps_finished_prompts_and_resume_completes(tmp_path):
 def test_wrong_model_scores_nothing(tmp_path):
     run = fake_run(tmp_path, steps=(10,))
     with pytest.raises(WrongModelError):
-        evaluate(run_targets(run), suite, server_factory=factory(wrong_for="step_000010"))
+        evaluate(run_targets(run), suite, engine="server", server_factory=factory(wrong_for="step_000010"))
     assert not (run / "evals" / "step_000010" / "tools.json").exists()
     assert not (run / "evals" / "step_000010" / "tools.partial.jsonl").exists()
 
 
 def test_missing_results_are_named(tmp_path):
     run = fake_run(tmp_path)
-    evaluate(run_targets(run)[:2], suite, server_factory=factory())
+    evaluate(run_targets(run)[:2], suite, engine="server", server_factory=factory())
     with pytest.raises(EvalError, match="step_000020"):
         load_results(run, "tools")
 
@@ -152,10 +152,10 @@ def test_results_of_an_edited_suite_are_not_mixed(tmp_path):
     import dataclasses
 
     run = fake_run(tmp_path, steps=())
-    evaluate(run_targets(run), suite, server_factory=factory())
+    evaluate(run_targets(run), suite, engine="server", server_factory=factory())
     edited = dataclasses.replace(suite, system_prompt="You are another agent.")
     with pytest.raises(UserError, match="different version"):
-        evaluate(run_targets(run), edited, server_factory=factory())
+        evaluate(run_targets(run), edited, engine="server", server_factory=factory())
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ an unwritable folder is a clear error that damages nothing already on disk."""
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import re
 import signal
@@ -12,6 +13,7 @@ import sys
 import time
 
 import pytest
+import yaml
 
 from mlx_ft.errors import MlxftError
 from mlx_ft.files import staged_dir, write_json
@@ -92,7 +94,8 @@ def _wait_for(proc: subprocess.Popen, pattern: str, timeout: float = 180) -> re.
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_during_eval_leaves_no_orphan_server(tmp_path, embedded_model, sig):
     suite = small_suite(tmp_path, n=27, max_tokens=64)
-    proc = _spawn(["eval", "--prompts", str(suite), "--model", str(embedded_model), "--out", str(tmp_path / "o")])
+    proc = _spawn(["eval", "--prompts", str(suite), "--model", str(embedded_model), "--out", str(tmp_path / "o"),
+                   "--engine", "server"])
     child = int(_wait_for(proc, r"server pid (\d+) ready").group(1))
     time.sleep(1.0)  # requests in flight
     proc.send_signal(sig)
@@ -120,7 +123,8 @@ def test_sigterm_during_fuse_leaves_no_half_written_folder(tmp_path, trained_run
 def test_server_killed_mid_eval_keeps_prompts_and_resume_completes(tmp_path, embedded_model):
     suite = small_suite(tmp_path, n=27, max_tokens=48)
     out = tmp_path / "o"
-    args = ["eval", "--prompts", str(suite), "--model", str(embedded_model), "--out", str(out), "--concurrency", "1"]
+    args = ["eval", "--prompts", str(suite), "--model", str(embedded_model), "--out", str(out), "--concurrency", "1",
+            "--engine", "server"]
     proc = _spawn(args)
     child = int(_wait_for(proc, r"server pid (\d+) ready").group(1))
     partial = out / "mini.partial.jsonl"
@@ -138,6 +142,33 @@ def test_server_killed_mid_eval_keeps_prompts_and_resume_completes(tmp_path, emb
     assert f"{kept} of 27 prompts already scored" in done.stderr
     rec = json.loads((out / "mini.json").read_text())
     assert len(rec["results"]) == 27 and not partial.exists()
+
+
+@pytest.mark.slow
+def test_batched_eval_killed_keeps_prompts_and_resume_completes(tmp_path, trained_run):
+    """SIGKILL mid-way through a batched eval of base + 2 checkpoints: every scored prompt is kept,
+    no target that was still running has a final result, and --resume asks only for the rest."""
+    suite = small_suite(tmp_path, n=12, max_tokens=32)
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("evals"))
+    args = ["eval", "--prompts", str(suite), "--run", str(run), "--concurrency", "4"]  # waves of 4 rows
+    proc = _spawn(args)
+    partials = lambda: sum(len(p.read_text().splitlines()) for p in run.glob("evals/*/mini.partial.jsonl"))  # noqa: E731
+    deadline = time.monotonic() + 240
+    while partials() < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    kept = partials()
+    finished = [p.parent.name for p in run.glob("evals/*/mini.json")]
+    assert kept >= 5 and len(finished) < 3
+    done = subprocess.run([sys.executable, "-m", "mlx_ft", *args, "--resume"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "prompts already scored" in done.stderr
+    for name in ("base", "step_000003", "step_000006"):
+        rec = json.loads((run / "evals" / name / "mini.json").read_text())
+        assert [r["id"] for r in rec["results"]] == [p["id"] for p in yaml.safe_load(suite.read_text())["prompts"]]
+    assert not list(run.glob("evals/*/mini.partial.jsonl"))
 
 
 @pytest.mark.slow

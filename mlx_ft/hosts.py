@@ -1,0 +1,164 @@
+"""Jobs spread over the hosts of an ``mlx.launch`` hostfile, one job per host at a time.
+
+Used for work that is independent per job -- one training seed, or a share of the checkpoints to
+evaluate -- where data parallelism (``mlx.launch``, see distributed.py) would only add traffic.
+The hostfile is mlx's own format, read with mlx's own parser. Like ``mlx.launch``, a host named
+``127.0.0.1`` (or ``localhost``) runs its job as a local process; any other host runs it over
+``ssh -o BatchMode=yes`` in the same working directory with the same Python, so every host needs
+the same paths (docs/distributed.md; ``mlxft doctor --hosts`` checks). Each job's output folder
+is copied back from a remote host (``rsync -a``) into the same place here, so the run folders end up
+exactly as if everything had run on this machine. A failed job does not stop the others; the
+failures are reported together at the end with each one's last output.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import shlex
+import shutil
+import subprocess
+import sys
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from mlx_ft.errors import ConfigError, MlxftError, UserError
+
+LOCAL = ("127.0.0.1", "localhost")
+SSH = ("ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10")
+
+
+@dataclass(frozen=True)
+class Host:
+    name: str  # what ssh connects to
+
+    @property
+    def local(self) -> bool:
+        return self.name in LOCAL
+
+
+@dataclass
+class Job:
+    label: str  # "seed 3", "eval step_000100,step_000200"
+    argv: list[str]  # run on the host, in this working directory
+    outputs: list[Path] = field(default_factory=list)  # folders to copy back from a remote host
+    inputs: list[Path] = field(default_factory=list)  # files to copy to a remote host first (same path)
+
+
+class SpreadError(MlxftError):
+    """One or more spread jobs failed (each one's host and last output are in the message)."""
+
+
+def load_hosts(path: str | Path) -> list[Host]:
+    """The hosts of an mlx.launch JSON hostfile (a list, or an object with "hosts")."""
+    from mlx._distributed_utils.common import Hostfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: hostfile not found")
+    try:
+        hosts = Hostfile.from_file(path).hosts
+    except ValueError as e:
+        raise ConfigError(path, f"{e}; expected e.g. [{{\"ssh\": \"mac1.local\", \"ips\": [\"10.0.0.1\"]}}], "
+                                "see docs/distributed.md") from None
+    if not hosts:
+        raise ConfigError(path, "no hosts listed")
+    return [Host(h.ssh_hostname) for h in hosts]
+
+
+def mlxft_argv(*args: str) -> list[str]:
+    """``python -m mlx_ft ARGS`` with this interpreter (the same path is required on every host)."""
+    return [sys.executable, "-m", "mlx_ft", *args]
+
+
+def command(host: Host, argv: Sequence[str], cwd: Path | None = None) -> list[str]:
+    """The local command line that runs ``argv`` on ``host`` in ``cwd`` (default: here)."""
+    if host.local:
+        return list(argv)
+    cwd = Path(cwd or Path.cwd()).resolve()
+    return [*SSH, host.name, f"cd {shlex.quote(str(cwd))} && {shlex.join(argv)}"]
+
+
+def _rsync(host: Host, src: str, dst: str, what: str) -> None:
+    if shutil.which("rsync") is None:
+        raise UserError("rsync is needed to move files to and from remote hosts; install it")
+    r = subprocess.run(["rsync", "-a", "-e", shlex.join(SSH), src, dst], capture_output=True, text=True)
+    if r.returncode:
+        raise SpreadError(f"{host.name}: {what} failed: {r.stderr.strip()[-500:]}")
+
+
+def push(host: Host, file: Path) -> None:
+    """Copy ``file`` to the same path on ``host`` (nothing to do for a local host)."""
+    if host.local:
+        return
+    file = file.resolve()
+    r = subprocess.run([*SSH, host.name, f"mkdir -p {shlex.quote(str(file.parent))}"], capture_output=True, text=True)
+    if r.returncode:
+        raise SpreadError(f"{host.name}: cannot create {file.parent}: {r.stderr.strip()[-500:]}")
+    _rsync(host, str(file), f"{host.name}:{file}", f"copying {file} there")
+
+
+def fetch(host: Host, folder: Path) -> None:
+    """Copy ``folder`` from ``host`` to the same path here (nothing to do for a local host)."""
+    if host.local:
+        return
+    folder = folder.resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    _rsync(host, f"{host.name}:{folder}/", f"{folder}/", f"copying {folder} back")
+
+
+def spread(jobs: list[Job], hosts: list[Host], *, log: Callable[[str], None] = lambda s: None,
+           popen=subprocess.Popen) -> None:
+    """Run every job on some host, one job per host at a time; raise SpreadError listing all failures."""
+    if not hosts:
+        raise UserError("no hosts to spread the jobs over")
+    todo: queue.Queue[Job] = queue.Queue()
+    for j in jobs:
+        todo.put(j)
+    failures: list[str] = []
+    lock = threading.Lock()
+
+    def worker(host: Host) -> None:
+        while True:
+            try:
+                job = todo.get_nowait()
+            except queue.Empty:
+                return
+            log(f"[{host.name}] {job.label}: started")
+            tail: deque[str] = deque(maxlen=30)
+            try:
+                for file in job.inputs:
+                    push(host, file)
+                proc = popen(command(host, job.argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env={**os.environ, "MLXFT_SPREAD_HOST": host.name})
+                for line in proc.stdout:
+                    tail.append(line.rstrip())
+                rc = proc.wait()
+                if rc == 0:
+                    for folder in job.outputs:
+                        fetch(host, folder)
+                    log(f"[{host.name}] {job.label}: done")
+                    continue
+                why = f"exit code {rc}"
+            except (OSError, MlxftError) as e:
+                why = str(e)
+            with lock:
+                failures.append(f"{job.label} on {host.name}: {why}\n    " + "\n    ".join(tail))
+            log(f"[{host.name}] {job.label}: FAILED ({why})")
+
+    threads = [threading.Thread(target=worker, args=(h,), daemon=True) for h in hosts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failures:
+        raise SpreadError(f"{len(failures)} of {len(jobs)} job(s) failed:\n" + "\n".join(failures))
+
+
+def deal(items: list, n: int) -> list[list]:
+    """``items`` dealt round-robin into at most ``n`` non-empty hands (order kept within each)."""
+    hands = [items[i::n] for i in range(max(1, min(n, len(items))))]
+    return [h for h in hands if h]
