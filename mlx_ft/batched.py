@@ -278,12 +278,19 @@ def check_probe(name: str, expected: dict | None, done: Done) -> dict:
 
 
 def reply_text(tokenizer, text_sm, ids: list[int], finish_reason: str) -> str:
-    """The message content mlx-lm's server would return for these tokens: stop words and control
-    sequences stripped by its own text state machine, only the "normal" state's text kept."""
+    """The message content mlx-lm's server would return for these tokens: decoded by the same
+    streaming detokenizer (which, unlike ``tokenizer.decode``, drops the first token's leading
+    space), stop words and control sequences stripped by its own text state machine, only the
+    "normal" state's text kept."""
     from mlx_lm.generate import TextStateMachine
 
+    detok = tokenizer.detokenizer
+    detok.reset()
+    for t in ids:
+        detok.add_token(t)
+    detok.finalize()
     state = text_sm.make_state(getattr(tokenizer, "response_initial_state", None) or "normal")
-    state, segments = TextStateMachine.split(state, tokenizer.decode(ids))
+    state, segments = TextStateMachine.split(state, detok.text)
     if finish_reason == "length":
         state, flushed, current = TextStateMachine.flush(state)
         segments.append((current, flushed))

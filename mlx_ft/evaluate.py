@@ -134,7 +134,7 @@ def _keep(suite: Suite, target: Target, done: dict[str, dict], prompt, reply) ->
 
 
 def _finish(suite: Suite, target: Target, done: dict[str, dict], *, probe: dict, seconds: float, asked: int,
-            engine: str, log: Callable[[str], None]) -> dict:
+            engine: dict, log: Callable[[str], None]) -> dict:
     """Write the target's ``<suite>.json`` atomically and drop its partial file."""
     gen = suite.generation
     results = [{k: v for k, v in done[p.id].items() if k != "suite_fingerprint"} for p in suite.prompts]
@@ -197,7 +197,7 @@ def evaluate_target(server: Server, suite: Suite, target: Target, *, resume: boo
             server.close()  # in-flight requests fail at once instead of holding the pool open
             raise
     return _finish(suite, target, done, probe=probe, seconds=time.perf_counter() - t0, asked=len(todo),
-                   engine="server", log=log)
+                   engine={"name": "server"}, log=log)
 
 
 def evaluate_batched(model_path: Path, group: list[Target], suite: Suite, *, resume: bool, wave: int,
@@ -256,8 +256,11 @@ def evaluate_batched(model_path: Path, group: list[Target], suite: Suite, *, res
 
     def finish(name: str) -> None:
         t = by_name[name]
+        # seconds: from loading the model until this target's last prompt was scored, in a batch
+        # shared with the other targets (so they overlap; their sum is not the wall time)
         records.append(_finish(suite, t, done[name], probe=probe[name], seconds=time.perf_counter() - t0,
-                               asked=len(todo[name]), engine="batched", log=log))
+                               asked=len(todo[name]), log=log,
+                               engine={"name": "batched", "targets_in_batch": len(group), "rows": len(rows)}))
 
     def on_done(d: batched.Done) -> None:
         name, pid = d.key

@@ -117,7 +117,7 @@ def test_batched_and_server_engines_agree_prompt_by_prompt(tmp_path, trained_run
         assert r.exit_code == 0, r.output
         for rec_path in sorted(run.glob("evals/*/mini.json")):
             rec = json.loads(rec_path.read_text())
-            assert rec["engine"] == engine and rec["target"]["fingerprint_checked"]
+            assert rec["engine"]["name"] == engine and rec["target"]["fingerprint_checked"]
             for x in rec["results"]:
                 texts.setdefault((rec["target"]["name"], x["id"]), {})[engine] = (
                     x["text"], x["finish_reason"], x["completion_tokens"], x["code"])
