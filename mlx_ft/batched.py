@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlx_ft.errors import EvalError, WrongModelError
-from mlx_ft.fingerprint import PROBE_MESSAGES, PROBE_TOKENS, compare
 from mlx_ft.files import read_json
+from mlx_ft.fingerprint import PROBE_MESSAGES, PROBE_TOKENS, compare
 
 
 class RowSlots:
@@ -71,7 +71,7 @@ class RowSlots:
 
 
 def _multi_lora_class():
-    import mlx.nn as nn
+    from mlx import nn
 
     class MultiLoRALinear(nn.Module):
         """A linear layer plus the LoRA updates of every adapter slot, each row getting its own.
@@ -108,7 +108,7 @@ def read_adapter(path: Path, model) -> Adapter:
     """Read a LoRA adapter folder strictly against ``model``: every tensor must be an ``lora_a`` or
     ``lora_b`` of a linear layer that exists, with matching shapes, in pairs."""
     import mlx.core as mx
-    import mlx.nn as nn
+    from mlx import nn
 
     cfg_path, weights_path = path / "adapter_config.json", path / "adapters.safetensors"
     cfg = read_json(cfg_path)

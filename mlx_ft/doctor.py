@@ -45,8 +45,9 @@ def paths_report(model: str | None, data: str | None) -> dict:
 
 
 def diagnose() -> dict:
-    import mlx.core as mx
     from importlib.metadata import PackageNotFoundError, version
+
+    import mlx.core as mx
 
     def ver(pkg: str) -> str | None:
         try:

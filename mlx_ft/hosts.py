@@ -21,9 +21,9 @@ import subprocess
 import sys
 import threading
 from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from mlx_ft.errors import ConfigError, MlxftError, UserError
 
@@ -85,7 +85,7 @@ def command(host: Host, argv: Sequence[str], cwd: Path | None = None) -> list[st
 def _rsync(host: Host, src: str, dst: str, what: str) -> None:
     if shutil.which("rsync") is None:
         raise UserError("rsync is needed to move files to and from remote hosts; install it")
-    r = subprocess.run(["rsync", "-a", "-e", shlex.join(SSH), src, dst], capture_output=True, text=True)
+    r = subprocess.run(["rsync", "-a", "-e", shlex.join(SSH), src, dst], capture_output=True, text=True, check=False)
     if r.returncode:
         raise SpreadError(f"{host.name}: {what} failed: {r.stderr.strip()[-500:]}")
 
@@ -95,7 +95,8 @@ def push(host: Host, file: Path) -> None:
     if host.local:
         return
     file = file.resolve()
-    r = subprocess.run([*SSH, host.name, f"mkdir -p {shlex.quote(str(file.parent))}"], capture_output=True, text=True)
+    r = subprocess.run([*SSH, host.name, f"mkdir -p {shlex.quote(str(file.parent))}"], capture_output=True, text=True,
+                       check=False)
     if r.returncode:
         raise SpreadError(f"{host.name}: cannot create {file.parent}: {r.stderr.strip()[-500:]}")
     _rsync(host, str(file), f"{host.name}:{file}", f"copying {file} there")

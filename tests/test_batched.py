@@ -58,7 +58,7 @@ def test_adapter_files_are_read_strictly(tmp_path, trained_run, embedded_model):
     ckpt = trained_run / "checkpoints" / "step_000003"
     ok = batched.read_adapter(ckpt, model)
     assert ok.tensors and all(a.shape[1] == b.shape[0] for a, b in ok.tensors.values())
-    first = sorted(ok.tensors)[0]
+    first = min(ok.tensors)
 
     def extra(w):
         w["model.layers.0.mlp.gate_proj.magnitude"] = w[f"{first}.lora_a"]

@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from click.testing import CliRunner
@@ -59,7 +60,7 @@ def test_deal_is_round_robin_and_never_empty():
 class FakeProc:
     """A job that 'runs' for a moment; exit code from the argv."""
 
-    running: dict[str, int] = {}
+    running: ClassVar[dict[str, int]] = {}
     lock = threading.Lock()
 
     def __init__(self, cmd, **kw):
@@ -101,7 +102,7 @@ def test_doctor_hosts_reports_each_host_and_fails_on_an_unreachable_one(tmp_path
     """Real: the local host runs `mlxft doctor --json`; an unresolvable host goes through real ssh."""
     hf = hostfile(tmp_path, ["127.0.0.1", "no-such-host.invalid"])
     r = subprocess.run([sys.executable, "-m", "mlx_ft", "doctor", "--hosts", str(hf), "--json"],
-                       capture_output=True, text=True, timeout=300)
+                       capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 1, r.stderr
     rows = {row["host"]: row for row in json.loads(r.stdout)["hosts"]}
     local, missing = rows["127.0.0.1"], rows["no-such-host.invalid"]
