@@ -3,26 +3,24 @@
 mlx-lm's server can batch concurrent requests, but only requests for the same weights: it drains
 its batch and reloads the base whenever the adapter changes, so K checkpoints cost K prefills, K
 decode tails (the batch shrinks to the one longest answer) and K reloads. Here the base is loaded
-once and each LoRA layer holds the adapters of *all* targets stacked ([K, in, r], [K, r, out];
-slot 0 is the base: zeros, so its rows get exactly the base output). Each row of the batch carries
-its slot, and mlx-lm's own :class:`~mlx_lm.generate.BatchGenerator` drives the batch: prefill,
-continuous batching, stop sequences, greedy sampling.
+once and every adapted linear layer holds the LoRA matrices of *all* targets side by side
+(:class:`MultiLoRALinear`); each batch row carries its slot (0 = the base: no update, exactly the
+base output), and mlx-lm's own :class:`~mlx_lm.generate.BatchGenerator` drives the batch: prefill,
+KV caches, greedy sampling.
 
 How rows keep their slot: BatchGenerator merges, filters, extends and extracts the per-layer KV
-caches as rows join and finish. One extra entry at the end of the cache list, :class:`RowSlots`,
+caches as rows join and leave. One extra entry at the end of the cache list, :class:`RowSlots`,
 follows the same protocol, so it always lists the slot of each live row in order; the model
 wrapper reads it before each forward pass and hands the rest of the list to the real model.
 
-Identity: before anything is generated, each target's probe is generated on its own (one row,
-its slot) and must match the fingerprint recorded with the checkpoint; the probe also rides in the
-batch as a row of its own, so the batched routing is checked by the same record. Adapter files are
-read strictly: every tensor must be a LoRA matrix of a linear layer of this base with the right
-shape (seed 000: a lenient load hid a mismatch).
+Identity: before any prompt is generated, every target's fingerprint probe runs as a row of a
+batch through this same routing and must match the fingerprint recorded with the checkpoint.
+Adapter files are read strictly: every tensor must be a LoRA matrix of a linear layer of this base
+with the right shape (seed 000: a lenient load hid a mismatch).
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,7 +114,9 @@ def read_adapter(path: Path, model) -> Adapter:
     if kind != "lora":
         raise EvalError(f"{cfg_path}: fine_tune_type {kind!r}; the batched engine serves LoRA adapters only, "
                         "use --engine server")
-    scale = float((cfg.get("lora_parameters") or {}).get("scale", 20.0))
+    scale = (cfg.get("lora_parameters") or {}).get("scale")
+    if not isinstance(scale, (int, float)):
+        raise EvalError(f"{cfg_path}: lora_parameters.scale missing or not a number ({scale!r})")
     modules = dict(model.named_modules())
     pairs: dict[str, dict] = {}
     for name, value in mx.load(str(weights_path)).items():
@@ -133,9 +133,7 @@ def read_adapter(path: Path, model) -> Adapter:
                             "was this adapter trained on another model?")
         if set(pair) != {"lora_a", "lora_b"}:
             raise EvalError(f"{weights_path}: {mod_path} has {sorted(pair)} only; a LoRA layer needs lora_a and lora_b")
-        out_dims, in_dims = layer.weight.shape
-        if isinstance(layer, nn.QuantizedLinear):
-            in_dims = in_dims * 32 // layer.bits
+        in_dims, out_dims = _dims(layer)
         a, b = pair["lora_a"], pair["lora_b"]
         if a.ndim != 2 or b.ndim != 2 or a.shape[0] != in_dims or b.shape[1] != out_dims or a.shape[1] != b.shape[0]:
             raise EvalError(f"{weights_path}: {mod_path} LoRA shapes {a.shape} x {b.shape} don't fit the base layer "
@@ -143,7 +141,15 @@ def read_adapter(path: Path, model) -> Adapter:
         tensors[mod_path] = (a, b)
     if not tensors:
         raise EvalError(f"{weights_path}: no LoRA tensors")
-    return Adapter(path, cfg, tensors, scale)
+    return Adapter(path, cfg, tensors, float(scale))
+
+
+def _dims(layer) -> tuple[int, int]:
+    """(input, output) size of a Linear or QuantizedLinear (whose weight packs 32/bits per column)."""
+    out_dims, in_dims = layer.weight.shape
+    if hasattr(layer, "bits"):
+        in_dims = in_dims * 32 // layer.bits
+    return in_dims, out_dims
 
 
 class MultiAdapterModel:
@@ -155,7 +161,6 @@ class MultiAdapterModel:
 
         MultiLoRALinear = _multi_lora_class()
         self.model = model
-        self.n_slots = len(adapters)
         modules = dict(model.named_modules())
         paths = sorted({p for ad in adapters if ad for p in ad.tensors})
         rank = max((a.shape[1] for ad in adapters if ad for a, _ in ad.tensors.values()), default=0)
@@ -166,9 +171,7 @@ class MultiAdapterModel:
         self.layers, replaced = [], []
         for p in paths:
             layer = modules[p]
-            out_dims, in_dims = layer.weight.shape
-            if hasattr(layer, "bits"):
-                in_dims = in_dims * 32 // layer.bits
+            in_dims, out_dims = _dims(layer)
             a_cols, b_rows = [], []
             for k in lora_slots:
                 ta, tb = adapters[k].tensors.get(p, (None, None))
@@ -259,10 +262,11 @@ class Done:
     seconds: float
 
 
-def probe_rows(tokenizer, slots: list[int]) -> list[Row]:
-    """One fingerprint-probe row per slot (key = the slot)."""
+def probe_rows(tokenizer, slots: dict[int, dict | None]) -> list[Row]:
+    """One fingerprint-probe row per slot (key = the slot), as long as that slot's recorded probe."""
     prompt = tokenizer.apply_chat_template(PROBE_MESSAGES, add_generation_prompt=True)
-    return [Row(s, s, list(prompt), PROBE_TOKENS, probe=True) for s in slots]
+    return [Row(s, s, list(prompt), (fp or {}).get("max_tokens", PROBE_TOKENS), probe=True)
+            for s, fp in sorted(slots.items())]
 
 
 def check_probe(name: str, expected: dict | None, done: Done) -> dict:
@@ -310,7 +314,8 @@ def generate(engine: MultiAdapterModel, tokenizer, rows: list[Row], *, stop_word
     last token is the one dropped; the text state machine strips the rest).
 
     ``shared[slot] = (n, cache)``: the first n tokens of every row of that slot are already in
-    ``cache`` (their common system prompt, prefilled once); each row gets its own copy.
+    ``cache`` (their common system prompt, prefilled once); the rows start from it without copying
+    it (``batch_generate``'s contract: the caches it is given are not updated in place).
     """
     import time
 
@@ -334,8 +339,8 @@ def generate(engine: MultiAdapterModel, tokenizer, rows: list[Row], *, stop_word
             n, cache = (shared or {}).get(r.slot, (0, None))
             if r.probe or cache is None:
                 n, cache = 0, engine.new_cache(r.slot)
-            else:
-                cache = copy.deepcopy(cache)
+            else:  # mlx-lm merges the caches it is given into the batch's, never writing to them
+                cache = [*cache[:-1], RowSlots(cache[-1].slots)]
             prompts.append(r.tokens[n:])
             caches.append(cache)
         # all rows get the same step count, so the generator itself never drops one mid-wave

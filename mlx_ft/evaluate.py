@@ -230,7 +230,7 @@ def evaluate_batched(model_path: Path, group: list[Target], suite: Suite, *, res
         f"{time.perf_counter() - t0:.1f} s")
 
     probes: dict[int, batched.Done] = {}
-    batched.generate(engine, tokenizer, batched.probe_rows(tokenizer, sorted(set(slot.values()))),
+    batched.generate(engine, tokenizer, batched.probe_rows(tokenizer, {slot[t.name]: t.fingerprint for t in group}),
                      on_done=lambda d: probes.__setitem__(d.key, d))
     probe = {t.name: batched.check_probe(t.name, t.fingerprint, probes[slot[t.name]]) for t in group}
 

@@ -56,7 +56,7 @@ def profile_batched(targets, suite) -> None:
     adapters_s = time.perf_counter() - t
     t = time.perf_counter()
     probes = {}
-    batched.generate(engine, tokenizer, batched.probe_rows(tokenizer, list(range(len(adapters)))),
+    batched.generate(engine, tokenizer, batched.probe_rows(tokenizer, dict.fromkeys(range(len(adapters)))),
                      on_done=lambda d: probes.__setitem__(d.key, d))
     slot = 0
     for x in targets:
