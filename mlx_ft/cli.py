@@ -203,7 +203,7 @@ def _train_spread(configs, hostfile, force: bool) -> None:
         staged = write_json(Path(c.runs_dir) / ".spread" / f"{c.name}.json", to_dict(c))
         jobs.append(Job(f"seed {c.seed} ({c.run_dir})",
                         mlxft_argv("train", "-c", str(staged.resolve()), *(["--force"] if force else [])),
-                        outputs=[c.run_dir], inputs=[staged]))
+                        outputs=[c.run_dir], inputs=[staged], log_path=staged.with_suffix(".log")))
     log(f"spreading {len(jobs)} seed run(s) over {len(hosts)} host(s), one job per host at a time")
     spread(jobs, hosts, log=log)
 

@@ -92,6 +92,8 @@ def eval_cmd(suite_path, limit, run_dir, model, adapter, out, engine, port, conc
         raise UserError("give either --run or --model/--adapter, not both")
     if (only or hostfile) and not run_dir:
         raise UserError("--only and --hosts select among a run's targets: give --run")
+    if hostfile and port is not None:
+        raise UserError("--port cannot be used with --hosts: each host picks its own free port")
     targets = run_targets(run_dir) if run_dir else [single_target(model, adapter, out)]
     if only:
         names = [n.strip() for n in only.split(",") if n.strip()]
@@ -118,13 +120,16 @@ def _eval_spread(targets, suite, hostfile, *, suite_path, limit, run_dir, engine
 
     hosts = load_hosts(hostfile)
     suite_file = Path(suite_path).resolve() if Path(suite_path).is_file() else None  # else bfcl:...
-    common = ["eval", "--run", str(Path(run_dir).resolve()), "--prompts", str(suite_file or suite_path), "--engine", engine,
-              "--concurrency", str(concurrency)]
+    common = ["eval", "--run", str(Path(run_dir).resolve()), "--prompts", str(suite_file or suite_path),
+              "--engine", engine, "--concurrency", str(concurrency)]
     common += (["--limit", str(limit)] if limit else []) + (["--resume"] if resume else [])
     common += ["--force"] if force else []
-    jobs = [Job(f"eval {','.join(t.name for t in hand)}", mlxft_argv(*common, "--only", ",".join(t.name for t in hand)),
-                outputs=[t.out_dir for t in hand], inputs=[suite_file] if suite_file else [])
-            for hand in deal(targets, len(hosts))]
+    jobs = []
+    for hand in deal(targets, len(hosts)):
+        names = ",".join(t.name for t in hand)
+        jobs.append(Job(f"eval {names}", mlxft_argv(*common, "--only", names), outputs=[t.out_dir for t in hand],
+                        inputs=[suite_file] if suite_file else [],
+                        log_path=Path(run_dir) / "evals" / f"spread-{len(jobs)}.log"))
     log(f"spreading {len(targets)} target(s) over {len(jobs)} host(s)")
     spread(jobs, hosts, log=log)
     return [read_json(t.result_path(suite)) for t in targets]

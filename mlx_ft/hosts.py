@@ -13,6 +13,7 @@ failures are reported together at the end with each one's last output.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import shlex
@@ -46,6 +47,7 @@ class Job:
     argv: list[str]  # run on the host, in this working directory
     outputs: list[Path] = field(default_factory=list)  # folders to copy back from a remote host
     inputs: list[Path] = field(default_factory=list)  # files to copy to a remote host first (same path)
+    log_path: Path | None = None  # the job's whole output is written here as it runs
 
 
 class SpreadError(MlxftError):
@@ -128,15 +130,23 @@ def spread(jobs: list[Job], hosts: list[Host], *, log: Callable[[str], None] = l
                 job = todo.get_nowait()
             except queue.Empty:
                 return
-            log(f"[{host.name}] {job.label}: started")
+            log(f"[{host.name}] {job.label}: started" + (f" (output: {job.log_path})" if job.log_path else ""))
             tail: deque[str] = deque(maxlen=30)
             try:
                 for file in job.inputs:
                     push(host, file)
                 proc = popen(command(host, job.argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              env={**os.environ, "MLXFT_SPREAD_HOST": host.name})
-                for line in proc.stdout:
-                    tail.append(line.rstrip())
+                with contextlib.ExitStack() as stack:
+                    out = None
+                    if job.log_path:
+                        job.log_path.parent.mkdir(parents=True, exist_ok=True)
+                        out = stack.enter_context(job.log_path.open("w"))
+                    for line in proc.stdout:
+                        tail.append(line.rstrip())
+                        if out:
+                            out.write(line)
+                            out.flush()
                 rc = proc.wait()
                 if rc == 0:
                     for folder in job.outputs:

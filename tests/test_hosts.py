@@ -127,6 +127,7 @@ def test_seeds_spread_over_two_hosts(tmp_path, tiny_data, embedded_model):
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     for seed in (1, 2):
+        assert "checkpoint saved" in (tmp_path / "runs" / ".spread" / f"sp-s{seed}.log").read_text()
         run = json.loads((tmp_path / "runs" / f"sp-s{seed}" / "run.json").read_text())
         assert run["status"] == "complete" and run["config"]["seed"] == seed
     a, b = ((tmp_path / "runs" / f"sp-s{s}" / "checkpoints" / "step_000002" / "adapters.safetensors").read_bytes()
@@ -150,3 +151,5 @@ def test_eval_spread_over_two_hosts_equals_one_machine(tmp_path, trained_run):
                         for p in run.glob("evals/*/mini.json")}
     assert sorted(results["spread"]) == ["base", "step_000003", "step_000006"]
     assert results["spread"] == results["one"]
+    logs = sorted((tmp_path / "spread" / "evals").glob("spread-*.log"))  # each job's whole output, kept
+    assert len(logs) == 2 and all("strict pass" in p.read_text() for p in logs)
