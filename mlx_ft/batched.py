@@ -301,6 +301,29 @@ def reply_text(tokenizer, text_sm, ids: list[int], finish_reason: str) -> str:
     return "".join(text for st, text in segments if st == "normal")
 
 
+class _Live:
+    """One row being generated: its tokens so far and where it stops, as mlx-lm's generator decides."""
+
+    def __init__(self, row: Row, matcher):
+        self.row, self.matcher = row, matcher
+        self.ids: list[int] = []
+        self.lps: list[float] = []
+        self.finish: str | None = None
+
+    def advance(self, resp) -> bool:
+        """Take the row's next token; True when the row has just finished. A stop sequence's last
+        token is not kept, and a stop wins over reaching max_tokens on the same token."""
+        if self.matcher.advance(resp.token):
+            self.finish = "stop"
+            return True
+        self.ids.append(int(resp.token))
+        if self.row.probe:
+            self.lps.append(float(resp.logprobs[resp.token].item()))
+        if len(self.ids) >= self.row.max_tokens:
+            self.finish = "length"
+        return self.finish is not None
+
+
 def generate(engine: MultiAdapterModel, tokenizer, rows: list[Row], *, stop_words=(), wave: int = 64,
              shared: dict[int, tuple[int, list]] | None = None, on_done=None, prune: float = 0.1) -> dict:
     """Greedy-generate every row; ``on_done(Done)`` is called as each row finishes. Returns where
@@ -345,27 +368,21 @@ def generate(engine: MultiAdapterModel, tokenizer, rows: list[Row], *, stop_word
             caches.append(cache)
         # all rows get the same step count, so the generator itself never drops one mid-wave
         uids = gen.insert(prompts, [steps] * len(chunk), caches=caches)
-        live = {uid: (r, (eos_only if r.probe else stops).matcher(), [], []) for uid, r in zip(uids, chunk)}
+        live = {uid: _Live(r, (eos_only if r.probe else stops).matcher()) for uid, r in zip(uids, chunk)}
         stopped: list[int] = []
         try:
             with gen.stats() as st:
                 while live and (responses := gen.next_generated()):
                     for resp in responses:
-                        if resp.uid not in live:
-                            continue
-                        row, matcher, ids, lps = live[resp.uid]
-                        hit = matcher.advance(resp.token)
-                        if not hit:
-                            ids.append(int(resp.token))
-                            if row.probe:
-                                lps.append(float(resp.logprobs[resp.token].item()))
-                        if hit or len(ids) >= row.max_tokens:
-                            del live[resp.uid]
-                            stopped.append(resp.uid)
-                            totals["useful_tokens"] += len(ids) + hit
-                            if on_done:
-                                on_done(Done(row.key, ids, lps, "stop" if hit else "length", len(row.tokens),
-                                             time.perf_counter() - t0))
+                        row = live.get(resp.uid)
+                        if row is None or not row.advance(resp):
+                            continue  # a stopped row still in the batch, or one that goes on
+                        del live[resp.uid]
+                        stopped.append(resp.uid)
+                        totals["useful_tokens"] += len(row.ids) + (row.finish == "stop")
+                        if on_done:
+                            on_done(Done(row.row.key, row.ids, row.lps, row.finish, len(row.row.tokens),
+                                         time.perf_counter() - t0))
                     if live and len(stopped) >= max(1, prune * len(chunk)):
                         gen.remove(stopped)
                         stopped = []

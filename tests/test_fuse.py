@@ -48,10 +48,37 @@ def test_survival_is_measured_and_grows_with_bits(fused):
     assert len(fused[8]["survival"]["layers"]) == 4 * 7  # 4 layers × (q, k, v, o, gate, up, down)
 
 
-def test_fused_8bit_answers_like_the_adapter(fused, trained_run):
-    """Greedy probe answer of the 8-bit fused model == the adapter's (recorded at the checkpoint)."""
-    manifest = json.loads((trained_run / "checkpoints" / "step_000006" / "manifest.json").read_text())
-    assert fused[8]["fingerprint"]["token_ids"] == manifest["fingerprint"]["token_ids"]
+def test_fused_8bit_answers_like_the_adapter(fused, trained_run, embedded_model):
+    """Along the adapter's own probe answer (teacher-forced), the 8-bit fused model's next-token
+    distributions are the adapter's: far closer than the base model's (KL), closer than 4-bit's,
+    and the same greedy token at every position but at most one. Requiring the whole greedy answer
+    to be identical flaked: this tiny, briefly trained (and not bit-reproducible) checkpoint has
+    near-ties that 8-bit rounding can flip -- seen once in CI, token 83 vs 33 at position 3."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from mlx_ft.fingerprint import PROBE_MESSAGES
+
+    ckpt = trained_run / "checkpoints" / "step_000006"
+    want = json.loads((ckpt / "manifest.json").read_text())["fingerprint"]["token_ids"]
+    adapter, tok = load(str(embedded_model), adapter_path=str(ckpt))
+    prompt = tok.apply_chat_template(PROBE_MESSAGES, add_generation_prompt=True)
+    tokens = mx.array([list(prompt) + want[:-1]])
+
+    def logprobs(model):
+        logits = model(tokens)[0, len(prompt) - 1:].astype(mx.float32)
+        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+    ref = logprobs(adapter)
+    others = {"base": load(str(embedded_model))[0], **{b: load(str(fused[b]["out"]))[0] for b in (4, 8)}}
+    lp = {k: logprobs(m) for k, m in others.items()}
+    kl = {k: (mx.exp(ref) * (ref - v)).sum(axis=-1).mean().item() for k, v in lp.items()}  # KL(adapter || k)
+    agree = {k: (v.argmax(axis=-1) == ref.argmax(axis=-1)).sum().item() for k, v in lp.items()}
+    # seed 003: the merged model must be the adapter, not the base -- and closer the more bits it keeps
+    assert kl[8] < kl[4] < kl["base"] and kl[8] < 0.1 * kl["base"], kl
+    assert agree[8] >= len(want) - 1, agree  # at most one near-tie flipped by 8-bit rounding
+    chosen = mx.take_along_axis(ref, mx.array(want)[:, None], axis=-1)[:, 0]
+    assert mx.allclose(chosen, ref.max(axis=-1)).item()  # the recorded answer is the adapter's greedy one
 
 
 def test_quantized_base_is_dequantized_before_fusing(tmp_path, source):
