@@ -21,8 +21,14 @@ with the right shape (seed 000: a lenient load hid a mismatch).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import mlx.core as mx
+import psutil
+from mlx_lm.generate import BatchGenerator, TextStateMachine, make_stop_sequences
 
 from mlx_ft.errors import EvalError, WrongModelError
 from mlx_ft.files import read_json
@@ -69,6 +75,7 @@ class RowSlots:
 
 
 def _multi_lora_class():
+    """The layer classes of the batched engine: (MultiLoRALinear, MultiLoRASwitchLinear, SlotRouter)."""
     from mlx import nn
 
     class MultiLoRALinear(nn.Module):
@@ -91,22 +98,92 @@ def _multi_lora_class():
             z = ((x @ self.a) * self.mask) @ self.b
             return y + (self.row_scale * z).astype(x.dtype)
 
-    return MultiLoRALinear
+    class MultiLoRASwitchLinear(nn.Module):
+        """A mixture-of-experts layer (SwitchLinear/QuantizedSwitchLinear) plus every slot's
+        LoRASwitchLinear update, each (token, expert) pair getting its own row's adapter.
+
+        mlx-lm's LoRASwitchLinear keeps one LoRA pair per expert (``lora_a`` [E, r, in], ``lora_b``
+        [E, out, r]) and lets ``gather_mm`` pick expert ``indices[i]`` for pair i. Here the pairs of
+        all adapters are stacked along that same expert axis ([P*E, ...], adapter p's expert e at
+        p*E + e), so the same gather routes each pair to its expert *of its row's adapter*: index
+        ``pos * E + expert``. ``pos``/``scale`` (one per pair, in the order the layer sees its pairs)
+        are set by the :class:`SlotRouter` around the layer's parent before each call.
+        """
+
+        def __init__(self, linear, a, b, num_experts: int):
+            super().__init__()
+            self.linear = linear
+            self.a_t, self.b_t = a.swapaxes(-1, -2), b.swapaxes(-1, -2)  # [P*E, in, r], [P*E, r, out]
+            self.num_experts = num_experts
+            self.pos = self.scale = None
+
+        def __call__(self, x, indices, sorted_indices=False):
+            import mlx.core as mx
+
+            y = self.linear(x, indices, sorted_indices=sorted_indices)
+            if self.pos is None or self.pos.shape != indices.shape:
+                raise EvalError(f"batched engine: expert indices of shape {indices.shape} do not line up with the "
+                                f"rows' adapter slots ({None if self.pos is None else self.pos.shape}); this "
+                                "mixture-of-experts block routes tokens in a way the batched engine does not "
+                                "know, use --engine server")
+            idx = self.pos * self.num_experts + indices  # the combined index is not sorted: no sorted hint
+            z = mx.gather_mm(mx.gather_mm(x, self.a_t, rhs_indices=idx), self.b_t, rhs_indices=idx)
+            return y + (self.scale[..., None, None] * z).astype(x.dtype)
+
+    class SlotRouter(nn.Module):
+        """Wraps a SwitchGLU/SwitchMLP: hands its adapted switch layers one adapter slot per
+        (token, expert) pair, in the order they will see the pairs. Those blocks flatten the pairs
+        and sort them by expert once there are at least ``SORT_AT`` (mlx-lm's switch_layers), with
+        the same argsort we repeat here, so the slots follow their tokens exactly."""
+
+        SORT_AT = 64
+
+        def __init__(self, inner, layers):
+            super().__init__()
+            self.inner = inner
+            object.__setattr__(self, "switch_layers", layers)  # already children of inner, not again
+            self.row_pos = self.row_scale = None  # per batch row, set by MultiAdapterModel.route
+
+        def __call__(self, x, indices):
+            import mlx.core as mx
+
+            lead = (indices.shape[0],) + (1,) * (indices.ndim - 1)
+            pos = mx.broadcast_to(self.row_pos.reshape(lead), indices.shape)
+            scale = mx.broadcast_to(self.row_scale.reshape(lead), indices.shape)
+            if indices.size >= self.SORT_AT:
+                order = mx.argsort(mx.stop_gradient(indices).flatten())
+                pos, scale = pos.flatten()[order], scale.flatten()[order]
+            for m in self.switch_layers:
+                m.pos, m.scale = pos, scale
+            return self.inner(x, indices)
+
+    return MultiLoRALinear, MultiLoRASwitchLinear, SlotRouter
 
 
 @dataclass
 class Adapter:
     path: Path
     config: dict
-    tensors: dict = field(repr=False)  # module path -> (a [in, r], b [r, out])
+    # module path -> (a, b): a Linear's (a [in, r], b [r, out]); a switch layer's (a [E, r, in], b [E, out, r])
+    tensors: dict = field(repr=False)
     scale: float = 1.0
+
+
+LINEAR_TYPES = ("Linear", "QuantizedLinear")
+SWITCH_TYPES = ("SwitchLinear", "QuantizedSwitchLinear")
+ROUTED_BY = ("SwitchGLU", "SwitchMLP")  # the mixture-of-experts blocks whose token routing SlotRouter repeats
+
+
+def _kind(layer) -> str | None:
+    """'linear', 'switch', or None for a layer type the batched engine cannot adapt."""
+    name = type(layer).__name__
+    return "linear" if name in LINEAR_TYPES else "switch" if name in SWITCH_TYPES else None
 
 
 def read_adapter(path: Path, model) -> Adapter:
     """Read a LoRA adapter folder strictly against ``model``: every tensor must be an ``lora_a`` or
-    ``lora_b`` of a linear layer that exists, with matching shapes, in pairs."""
+    ``lora_b`` of a linear or mixture-of-experts (switch) layer that exists, with matching shapes, in pairs."""
     import mlx.core as mx
-    from mlx import nn
 
     cfg_path, weights_path = path / "adapter_config.json", path / "adapters.safetensors"
     cfg = read_json(cfg_path)
@@ -128,16 +205,35 @@ def read_adapter(path: Path, model) -> Adapter:
     tensors = {}
     for mod_path, pair in pairs.items():
         layer = modules.get(mod_path)
-        if not isinstance(layer, (nn.Linear, nn.QuantizedLinear)):
-            raise EvalError(f"{weights_path}: {mod_path!r} is not a linear layer of {cfg.get('model', 'the base')}; "
+        if layer is None:
+            raise EvalError(f"{weights_path}: {cfg.get('model', 'the base')} has no layer {mod_path!r}; "
                             "was this adapter trained on another model?")
+        kind = _kind(layer)
+        if kind is None:
+            raise EvalError(f"{weights_path}: {mod_path!r} is a {type(layer).__name__}; the batched engine adapts "
+                            f"{', '.join(LINEAR_TYPES + SWITCH_TYPES)} layers only; use --engine server")
+        if kind == "switch":
+            parent = modules.get(mod_path.rpartition(".")[0])
+            if type(parent).__name__ not in ROUTED_BY:
+                raise EvalError(f"{weights_path}: {mod_path!r} sits in a {type(parent).__name__}, whose expert "
+                                f"routing the batched engine does not know (it knows {', '.join(ROUTED_BY)}); "
+                                "use --engine server")
         if set(pair) != {"lora_a", "lora_b"}:
             raise EvalError(f"{weights_path}: {mod_path} has {sorted(pair)} only; a LoRA layer needs lora_a and lora_b")
         in_dims, out_dims = _dims(layer)
         a, b = pair["lora_a"], pair["lora_b"]
-        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != in_dims or b.shape[1] != out_dims or a.shape[1] != b.shape[0]:
-            raise EvalError(f"{weights_path}: {mod_path} LoRA shapes {a.shape} x {b.shape} don't fit the base layer "
-                            f"({in_dims} -> {out_dims}); was this adapter trained on another model?")
+        if kind == "linear":
+            fits = a.ndim == 2 and b.ndim == 2 and a.shape[0] == in_dims and b.shape[1] == out_dims \
+                and a.shape[1] == b.shape[0]
+            base = f"{in_dims} -> {out_dims}"
+        else:
+            e = layer.num_experts
+            fits = a.ndim == 3 and b.ndim == 3 and a.shape[0] == b.shape[0] == e and a.shape[2] == in_dims \
+                and b.shape[1] == out_dims and a.shape[1] == b.shape[2]
+            base = f"{e} experts, {in_dims} -> {out_dims}"
+        if not fits:
+            raise EvalError(f"{weights_path}: {mod_path} LoRA shapes {a.shape} x {b.shape} don't fit the base "
+                            f"{type(layer).__name__} ({base}); was this adapter trained on another model?")
         tensors[mod_path] = (a, b)
     if not tensors:
         raise EvalError(f"{weights_path}: no LoRA tensors")
@@ -145,7 +241,10 @@ def read_adapter(path: Path, model) -> Adapter:
 
 
 def _dims(layer) -> tuple[int, int]:
-    """(input, output) size of a Linear or QuantizedLinear (whose weight packs 32/bits per column)."""
+    """(input, output) size of a Linear or QuantizedLinear (whose weight packs 32/bits per column),
+    or of a SwitchLinear/QuantizedSwitchLinear (per expert)."""
+    if _kind(layer) == "switch":
+        return layer.input_dims, layer.output_dims
     out_dims, in_dims = layer.weight.shape
     if hasattr(layer, "bits"):
         in_dims = in_dims * 32 // layer.bits
@@ -159,17 +258,23 @@ class MultiAdapterModel:
         import mlx.core as mx
         from mlx.utils import tree_unflatten
 
-        MultiLoRALinear = _multi_lora_class()
+        MultiLoRALinear, MultiLoRASwitchLinear, SlotRouter = _multi_lora_class()
         self.model = model
         modules = dict(model.named_modules())
         paths = sorted({p for ad in adapters if ad for p in ad.tensors})
-        rank = max((a.shape[1] for ad in adapters if ad for a, _ in ad.tensors.values()), default=0)
+        linear = [p for p in paths if _kind(modules[p]) == "linear"]
+        switch = [p for p in paths if _kind(modules[p]) == "switch"]
+        rank = max((ad.tensors[p][0].shape[-2 if p in switch else 1] for ad in adapters if ad for p in ad.tensors),
+                   default=0)
         lora_slots = [k for k, ad in enumerate(adapters) if ad]
         # column j of every layer's stacked lora_a belongs to slot col_slot[j]
         self.col_slot = mx.array([k for k in lora_slots for _ in range(rank)])
         self.scales = mx.array([ad.scale if ad else 0.0 for ad in adapters], dtype=mx.float32)
+        # a switch layer stacks its adapters along the expert axis: slot k's experts sit at slot_pos[k]
+        # (base rows use position 0 with scale 0: exactly no update)
+        self.slot_pos = mx.array([lora_slots.index(k) if k in lora_slots else 0 for k in range(len(adapters))])
         self.layers, replaced = [], []
-        for p in paths:
+        for p in linear:
             layer = modules[p]
             in_dims, out_dims = _dims(layer)
             a_cols, b_rows = [], []
@@ -183,9 +288,28 @@ class MultiAdapterModel:
             multi = MultiLoRALinear(layer, mx.concatenate(a_cols, axis=1), mx.concatenate(b_rows, axis=0))
             self.layers.append(multi)
             replaced.append((p, multi))
+        self.switch_layers, by_parent = [], {}
+        for p in switch:
+            layer = modules[p]
+            (in_dims, out_dims), e = _dims(layer), layer.num_experts
+            a_st, b_st = [], []
+            for k in lora_slots:
+                ta, tb = adapters[k].tensors.get(p, (None, None))
+                if ta is None:
+                    ta, tb = mx.zeros((e, rank, in_dims)), mx.zeros((e, out_dims, rank))
+                r = ta.shape[1]
+                a_st.append(mx.pad(ta.astype(mx.float32), [(0, 0), (0, rank - r), (0, 0)]))
+                b_st.append(mx.pad(tb.astype(mx.float32), [(0, 0), (0, 0), (0, rank - r)]))
+            multi = MultiLoRASwitchLinear(layer, mx.concatenate(a_st), mx.concatenate(b_st), e)
+            self.switch_layers.append(multi)
+            by_parent.setdefault(p.rpartition(".")[0], []).append(multi)
+            replaced.append((p, multi))
         if replaced:
             model.update_modules(tree_unflatten(replaced))
-        mx.eval([(m.a, m.b) for m in self.layers])
+        self.routers = [SlotRouter(modules[parent], layers) for parent, layers in by_parent.items()]
+        if self.routers:  # after the switch layers are in place inside their parents
+            model.update_modules(tree_unflatten(list(zip(by_parent, self.routers))))
+        mx.eval([(m.a, m.b) for m in self.layers] + [(m.a_t, m.b_t) for m in self.switch_layers])
 
     def route(self, slots) -> None:
         """Give the next forward pass one adapter slot per batch row."""
@@ -195,6 +319,8 @@ class MultiAdapterModel:
         row_scale = self.scales[slots][:, None, None]
         for m in self.layers:
             m.mask, m.row_scale = mask, row_scale
+        for r in self.routers:
+            r.row_pos, r.row_scale = self.slot_pos[slots], self.scales[slots]
 
     def __call__(self, inputs, cache=None, **kwargs):
         self.route(cache[-1].slots)
@@ -221,8 +347,6 @@ def wave_size(prefix_cache: list | None, longest: int, limit: int) -> int:
     """Rows per wave: at most ``limit``, and few enough that the wave's KV cache (every row at its
     longest, prompt + max_tokens, in the 256-token blocks mlx-lm's caches grow by) fits in a
     quarter of the memory available now."""
-    import psutil
-
     layers = [c for c in (prefix_cache or [])[:-1] if getattr(c, "keys", None) is not None]
     if not layers:
         return limit
@@ -286,8 +410,6 @@ def reply_text(tokenizer, text_sm, ids: list[int], finish_reason: str) -> str:
     streaming detokenizer (which, unlike ``tokenizer.decode``, drops the first token's leading
     space), stop words and control sequences stripped by its own text state machine, only the
     "normal" state's text kept."""
-    from mlx_lm.generate import TextStateMachine
-
     detok = tokenizer.detokenizer
     detok.reset()
     for t in ids:
@@ -324,10 +446,40 @@ class _Live:
         return self.finish is not None
 
 
-def generate(engine: MultiAdapterModel, tokenizer, rows: list[Row], *, stop_words=(), wave: int = 64,
-             shared: dict[int, tuple[int, list]] | None = None, on_done=None, prune: float = 0.1) -> dict:
-    """Greedy-generate every row; ``on_done(Done)`` is called as each row finishes. Returns where
-    the time went (mlx-lm's own counters, summed over waves).
+def _waves(rows: list[Row], wave: int) -> list[list[Row]]:
+    """``rows`` cut into the fewest waves of at most ``wave`` rows, all about the same size."""
+    if not rows:
+        return []
+    n_waves = -(-len(rows) // max(wave, 1))
+    size = -(-len(rows) // n_waves)
+    return [rows[i:i + size] for i in range(0, len(rows), size)]
+
+
+def _start_wave(engine: MultiAdapterModel, chunk: list[Row], shared: dict, stops, eos_only):
+    """A BatchGenerator holding ``chunk``, each row starting from its slot's shared prefix cache."""
+    steps = max(r.max_tokens for r in chunk)
+    gen = BatchGenerator(engine, max_tokens=steps, stop_tokens=None,
+                         completion_batch_size=len(chunk), prefill_batch_size=len(chunk))
+    caches, prompts = [], []
+    for r in chunk:
+        n, cache = shared.get(r.slot, (0, None))
+        if r.probe or cache is None:
+            n, cache = 0, engine.new_cache(r.slot)
+        else:  # mlx-lm merges the caches it is given into the batch's, never writing to them
+            cache = [*cache[:-1], RowSlots(cache[-1].slots)]
+        prompts.append(r.tokens[n:])
+        caches.append(cache)
+    # all rows get the same step count, so the generator itself never drops one mid-wave
+    uids = gen.insert(prompts, [steps] * len(chunk), caches=caches)
+    live = {uid: _Live(r, (eos_only if r.probe else stops).matcher()) for uid, r in zip(uids, chunk)}
+    return gen, live
+
+
+def decode(engine: MultiAdapterModel, tokenizer, rows: list[Row], *, stop_words=(), wave: int = 64,
+           shared: dict[int, tuple[int, list]] | None = None, stats: dict | None = None,
+           prune: float = 0.1) -> Iterator[Done]:
+    """Greedy-decode every row, yielding each row's :class:`Done` as it finishes. Where the time
+    went (mlx-lm's own counters, summed over waves) is added to ``stats`` if given.
 
     Rows run in waves of at most ``wave`` rows. mlx-lm's BatchGenerator copies the whole batch KV
     cache each time a row leaves, and would do so at almost every step of an eval, so here a
@@ -340,35 +492,16 @@ def generate(engine: MultiAdapterModel, tokenizer, rows: list[Row], *, stop_word
     ``cache`` (their common system prompt, prefilled once); the rows start from it without copying
     it (``batch_generate``'s contract: the caches it is given are not updated in place).
     """
-    import time
-
-    import mlx.core as mx
-    from mlx_lm.generate import BatchGenerator, make_stop_sequences
-
     stops = make_stop_sequences(tokenizer, list(stop_words))
     eos_only = make_stop_sequences(tokenizer, [])
+    totals = stats if stats is not None else {}
+    for key in ("waves", "prompt_tokens", "decode_tokens", "useful_tokens"):
+        totals.setdefault(key, 0)
+    for key in ("prompt_s", "decode_s"):
+        totals.setdefault(key, 0.0)
     t0 = time.perf_counter()
-    totals = {"waves": 0, "prompt_tokens": 0, "prompt_s": 0.0, "decode_tokens": 0, "decode_s": 0.0,
-              "useful_tokens": 0}
-    n_waves = -(-len(rows) // max(wave, 1))
-    size = -(-len(rows) // n_waves) if rows else 1
-    for start in range(0, len(rows), size):
-        chunk = rows[start:start + size]
-        steps = max(r.max_tokens for r in chunk)
-        gen = BatchGenerator(engine, max_tokens=steps, stop_tokens=None,
-                             completion_batch_size=len(chunk), prefill_batch_size=len(chunk))
-        caches, prompts = [], []
-        for r in chunk:
-            n, cache = (shared or {}).get(r.slot, (0, None))
-            if r.probe or cache is None:
-                n, cache = 0, engine.new_cache(r.slot)
-            else:  # mlx-lm merges the caches it is given into the batch's, never writing to them
-                cache = [*cache[:-1], RowSlots(cache[-1].slots)]
-            prompts.append(r.tokens[n:])
-            caches.append(cache)
-        # all rows get the same step count, so the generator itself never drops one mid-wave
-        uids = gen.insert(prompts, [steps] * len(chunk), caches=caches)
-        live = {uid: _Live(r, (eos_only if r.probe else stops).matcher()) for uid, r in zip(uids, chunk)}
+    for chunk in _waves(rows, wave):
+        gen, live = _start_wave(engine, chunk, shared or {}, stops, eos_only)
         stopped: list[int] = []
         try:
             with gen.stats() as st:
@@ -380,19 +513,17 @@ def generate(engine: MultiAdapterModel, tokenizer, rows: list[Row], *, stop_word
                         del live[resp.uid]
                         stopped.append(resp.uid)
                         totals["useful_tokens"] += len(row.ids) + (row.finish == "stop")
-                        if on_done:
-                            on_done(Done(row.row.key, row.ids, row.lps, row.finish, len(row.row.tokens),
-                                         time.perf_counter() - t0))
+                        yield Done(row.row.key, row.ids, row.lps, row.finish, len(row.row.tokens),
+                                   time.perf_counter() - t0)
                     if live and len(stopped) >= max(1, prune * len(chunk)):
                         gen.remove(stopped)
                         stopped = []
             totals["waves"] += 1
             totals["prompt_tokens"] += st.prompt_tokens
-            totals["prompt_s"] += st.prompt_time
+            totals["prompt_s"] = round(totals["prompt_s"] + st.prompt_time, 2)
             totals["decode_tokens"] += st.generation_tokens
-            totals["decode_s"] += st.decode_time
+            totals["decode_s"] = round(totals["decode_s"] + st.decode_time, 2)
         finally:
             gen.close()
             del gen
             mx.clear_cache()
-    return {k: round(v, 2) if isinstance(v, float) else v for k, v in totals.items()}

@@ -1,4 +1,4 @@
-"""CLI commands after training: eval, pick-best, fuse, report (thin shells over the API)."""
+"""The eval command (a thin shell over evaluate.py), its tables, and spreading targets over hosts."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from mlx_ft.cli import emit, errors, log, main
+from mlx_ft.cli_common import emit, errors, log
 from mlx_ft.tables import excerpt, pct, table
 
 
@@ -43,7 +43,7 @@ def eval_tables(records: list[dict]) -> str:
     return f"{prompt_table}\n\n{cat_table}"
 
 
-@main.command("eval")
+@click.command("eval")
 @click.option("--prompts", "--suite", "suite_path", default="evals/tools.yaml", show_default=True,
               help="Eval suite YAML (format: README), or bfcl:CATEGORY[,CATEGORY] for a BFCL suite "
                    "(needs `pip install --no-deps bfcl-eval`).")
@@ -80,7 +80,10 @@ def eval_cmd(suite_path, limit, run_dir, model, adapter, out, engine, port, conc
     failure code, tokens, latency; totals per suite and category).
     """
     from mlx_ft.errors import UserError
-    from mlx_ft.evaluate import evaluate, run_targets, single_target
+    from mlx_ft.console import progress_bar
+    from mlx_ft.evaluate import evaluate_targets
+    from mlx_ft.targets import run_targets, single_target
+
     suite = open_suite(suite_path, limit)
     if concurrency < 1:
         raise UserError(f"--concurrency {concurrency}: must be at least 1")
@@ -107,9 +110,9 @@ def eval_cmd(suite_path, limit, run_dir, model, adapter, out, engine, port, conc
                                engine=engine, concurrency=concurrency, resume=resume, force=force)
         emit(records, as_json, eval_tables(records))
         return
-    records = evaluate(targets, suite, engine=engine, port=port, resume=resume, force=force,
-                       concurrency=concurrency, log=log,
-                       log_dir=Path(run_dir) if run_dir else None)
+    records = evaluate_targets(targets, suite, engine=engine, port=port, resume=resume, force=force,
+                               concurrency=concurrency, log=log, log_dir=Path(run_dir) if run_dir else None,
+                               progress=progress_bar(f"eval {suite.name}"))
     emit(records, as_json, eval_tables(records))
 
 
@@ -133,10 +136,3 @@ def _eval_spread(targets, suite, hostfile, *, suite_path, limit, run_dir, engine
     log(f"spreading {len(targets)} target(s) over {len(jobs)} host(s)")
     spread(jobs, hosts, log=log)
     return [read_json(t.result_path(suite)) for t in targets]
-
-
-def _register() -> None:
-    from mlx_ft import cli_select  # noqa: F401
-
-
-_register()

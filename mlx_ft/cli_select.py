@@ -1,4 +1,4 @@
-"""pick-best, fuse and report commands (registered by cli_eval)."""
+"""Commands after evaluation: pick-best, fuse, report (thin shells over the API)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from mlx_ft.cli import emit, errors, log, main
+from mlx_ft.cli_common import emit, errors, log
 from mlx_ft.tables import pct, table
 
 
@@ -25,7 +25,7 @@ def best_text(r: dict) -> str:
     return f"{t}\n\n{r['reason']}"
 
 
-@main.command("pick-best")
+@click.command("pick-best")
 @click.option("--run", "run_dir", type=click.Path(file_okay=False, path_type=Path), help="Run folder.")
 @click.option("--runs", "run_dirs", multiple=True, type=click.Path(file_okay=False, path_type=Path),
               help="Several runs (seeds): adds a seed table. Repeat the option or use a glob.")
@@ -39,34 +39,44 @@ def best_text(r: dict) -> str:
               help="Suite file: evaluate checkpoints that have no results yet, then pick.")
 @click.option("--guard", help="Regression guard suite, e.g. bfcl:simple_python: exclude checkpoints significantly "
                               "below the base on it (evaluate it first with mlxft eval --suite ...).")
-@click.option("--alpha", type=float, default=0.05, show_default=True, help="Guard significance level.")
+@click.option("--alpha", type=float, default=0.05, show_default=True,
+              help="Significance level of the tests vs the base, vs the val-loss pick, and of the guard.")
+@click.option("--write-runs", is_flag=True,
+              help="With --runs: also write each run's best.json (the same choice as printed, guard included).")
 @click.option("--json", "as_json", is_flag=True)
 @errors
-def pick_best_cmd(run_dir, run_dirs, suite, metric, confirm_split, bootstrap, prompts, guard, alpha, as_json):
+def pick_best_cmd(run_dir, run_dirs, suite, metric, confirm_split, bootstrap, prompts, guard, alpha, write_runs,
+                  as_json):
     """Choose the checkpoint by eval score (not validation loss) and write RUN/best.json.
 
     Tie-break: higher strict pass rate, then the earlier step. Reports Wilson intervals, exact
-    McNemar tests vs the base and vs the val-loss pick, and bootstrap P(best).
+    McNemar tests vs the base and vs the val-loss pick, and bootstrap P(best). With --runs, every
+    run is chosen with the same options and nothing is written unless --write-runs is given.
     """
     from mlx_ft.errors import UserError
-    from mlx_ft.selection import pick_best, seed_table
+    from mlx_ft.selection import check_options, pick_best, seed_table, write_best
 
     runs = list(run_dirs) + ([run_dir] if run_dir else [])
     if not runs:
         raise UserError("give --run RUN (or --runs RUN1 --runs RUN2 ... for several seeds)")
+    check_options(metric, alpha, bootstrap)  # before --eval-missing spends minutes evaluating
     if prompts:
-        from mlx_ft.evaluate import evaluate, run_targets
+        from mlx_ft.evaluate import evaluate_targets
+        from mlx_ft.targets import run_targets
         from mlx_ft.suite import load_suite
 
         s = load_suite(prompts)
         suite = s.name
         for r in runs:
-            evaluate(run_targets(r), s, log=log, log_dir=Path(r))
+            evaluate_targets(run_targets(r), s, log=log, log_dir=Path(r))
     results = [pick_best(r, suite, metric, confirm_split, bootstrap, guard=guard, alpha=alpha) for r in runs]
+    for r, res in zip(runs, results):
+        if r == run_dir or write_runs:
+            log(f"wrote {write_best(r, res)}")
     text = "\n\n".join(f"== {r['run']}\n{best_text(r)}" for r in results)
     data: dict | list = results[0] if len(results) == 1 else results
     if len(runs) > 1:
-        seeds = seed_table(runs, suite, metric)
+        seeds = seed_table(runs, suite, metric, picks=results)
         rows = [[x["run"], x["chosen"], pct(x["score"]), pct(x["strict_pass"])] for x in seeds["runs"]]
         text += "\n\n" + table(["run", "best", "score", "strict"], rows)
         half = seeds["ci95_half_width"]
@@ -78,7 +88,7 @@ def pick_best_cmd(run_dir, run_dirs, suite, metric, confirm_split, bootstrap, pr
     emit(data, as_json, text)
 
 
-@main.command("fuse")
+@click.command("fuse")
 @click.option("--run", "run_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Fuse the checkpoint chosen in RUN/best.json.")
 @click.option("--adapter", type=click.Path(file_okay=False, path_type=Path), help="Or fuse this checkpoint.")
@@ -132,16 +142,23 @@ def fuse_cmd(run_dir, adapter, model, bits, group_size, recipe, out, suite_path,
     emit(record, as_json, "\n".join(lines))
 
 
-@main.command("report")
+@click.command("report")
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @click.option("--compare", multiple=True, type=click.Path(file_okay=False, path_type=Path),
               help="Other runs or fused model folders to compare against.")
 @click.option("--suite", default="tools", show_default=True)
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Default RUN/report.md.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Default RUN/report.md; report.html and report.png are written beside it.")
 @errors
 def report_cmd(run_dir, compare, suite, out):
-    """Write report.md: training curve, per-checkpoint, per-category and per-prompt tables."""
+    """Write report.md, report.html (charts, per-prompt grid with every raw reply; opens from disk,
+    loads nothing from the network) and report.png (needs matplotlib: pip install 'mlxft[plot]').
+
+    Run folders given to --compare are shown as seeds (one line per run); fused model folders as
+    points beside the checkpoint they were fused from.
+    """
     from mlx_ft.report import write_report
 
-    path = write_report(run_dir, suite, list(compare), out)
-    click.echo(str(path))
+    paths = write_report(run_dir, suite, list(compare), out, log=log)
+    for path in paths.values():
+        click.echo(str(path))

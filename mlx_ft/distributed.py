@@ -11,7 +11,6 @@ Only rank 0 writes run.json, metrics and checkpoints.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import shutil
 import subprocess
@@ -23,6 +22,7 @@ from typing import Callable
 from mlx_ft import _blas
 from mlx_ft.config import to_dict
 from mlx_ft.errors import ConfigError, TrainingError, UserError
+from mlx_ft.hosts import load_hosts
 from mlx_ft.files import read_json, write_json
 
 RANK_FAILED = re.compile(r"\[WARN\] Node with rank (\d+) exited with code (\d+)")
@@ -30,25 +30,24 @@ RANK_FAILED = re.compile(r"\[WARN\] Node with rank (\d+) exited with code (\d+)"
 
 def world_size(ranks: int | None, hostfile: str | Path | None) -> int:
     if hostfile:
-        path = Path(hostfile)
-        if not path.is_file():
-            raise UserError(f"{path}: hostfile not found")
-        try:
-            hosts = json.loads(path.read_text())
-        except ValueError as e:
-            raise ConfigError(path, f"not a JSON hostfile ({e}); see docs/distributed.md") from None
-        if not isinstance(hosts, list) or not hosts:
-            raise ConfigError(path, "expected a JSON list of hosts, e.g. [{\"ssh\": \"mac1\", \"ips\": [...]}]")
-        return len(hosts)
+        return len(load_hosts(hostfile))
     if ranks is None or ranks < 1:
         raise UserError(f"--ranks {ranks}: must be at least 1")
     return ranks
 
 
+def launcher() -> str:
+    """mlx's public ``mlx.launch`` entry point, from this interpreter's environment."""
+    beside = Path(sys.executable).with_name("mlx.launch")
+    found = str(beside) if beside.is_file() else shutil.which("mlx.launch")
+    if not found:
+        raise UserError("mlx.launch not found next to this Python or on PATH; reinstall mlx in this environment "
+                        "(pip install 'mlx[cpu]' on Linux, mlx on macOS)")
+    return found
+
+
 def launch_command(config_path: Path, ranks: int | None, hostfile: str | Path | None) -> list[str]:
-    # what the mlx.launch console script runs (the module itself has no __main__ guard: `-m` would no-op)
-    cmd = [sys.executable, "-c", "import sys; from mlx._distributed_utils.launch import main; sys.exit(main())",
-           "--backend", "ring"]
+    cmd = [launcher(), "--backend", "ring"]
     cmd += ["--hostfile", str(hostfile)] if hostfile else ["-n", str(ranks)]
     preload = _blas.child_env({}).get("LD_PRELOAD")
     if preload:

@@ -62,3 +62,11 @@ class WrongModelError(ServerError):
 
 class EvalError(UserError):
     """Evaluation results are missing or inconsistent (fixable by running the eval)."""
+
+
+class CorruptFileError(MlxftError):
+    """A JSON file mlxft reads is not valid JSON (cut short by a crash, or edited by hand)."""
+
+
+class SpreadError(MlxftError):
+    """One or more jobs spread over hosts failed (each one's host and last output are in the message)."""

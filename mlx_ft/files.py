@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from mlx_ft.errors import MlxftError, OutputExistsError
+from mlx_ft.errors import CorruptFileError, MlxftError, OutputExistsError
 
 
 def write_json(path: str | Path, data: Any) -> Path:
@@ -46,8 +46,14 @@ def write_text(path: str | Path, text: str) -> Path:
 
 
 def read_json(path: str | Path) -> Any:
+    """A JSON file's content; CorruptFileError (naming the file and the spot) if it is not JSON."""
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise CorruptFileError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); "
+                                   "it may have been cut short by a crash or edited by hand: restore it, or "
+                                   "redo the stage that writes it") from None
 
 
 def append_jsonl(path: str | Path, row: dict) -> None:

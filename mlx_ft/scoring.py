@@ -1,43 +1,42 @@
-"""Scoring: pure functions from (suite, prompt, raw model text) to a Score. No I/O here.
+"""Scoring: pure functions from (task, prompt, raw model text) to a Score. No I/O here.
 
 We parse the raw text ourselves and never trust the server's tool-call parser (mlx-lm drops calls
-it cannot parse). Calls are found in ``<tool_call>`` tags or as bare JSON objects; a call to the
-wrapper (``execute_code``) has its ``code`` string parsed with ``ast`` -- parsed, never executed.
+it cannot parse). Calls are found by the model's own format (``mlx_ft.parsers``; JSON when none is
+given); a call to the rubric's wrapper (``execute_code``) has its ``code`` string parsed with
+``ast`` -- parsed, never executed.
 
-Every result carries one failure code (``ok`` when it passed), so a table of codes says *how* a
-checkpoint fails, not just how often (seed 004: prose vs direct calls vs think blocks).
+Every result carries exactly one failure code (``ok`` when it passed), so a table of codes says
+*how* a checkpoint fails, not just how often: prose, direct calls, think blocks, a format the
+parser does not accept.
 """
 
 from __future__ import annotations
 
 import ast
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from mlx_ft.suite import Prompt, Suite
+from mlx_ft.parsers import Call, Extraction, Parser, find_json_objects, get_parser, scan_json
+
+__all__ = ["CODES", "Call", "Score", "Rubric", "Expect", "score", "judge", "extract_calls", "find_json_objects",
+           "parse_code_calls", "check_args"]
 
 CODES = (
     "ok",
-    "think_onset",  # a <think> block began: the budget goes to reasoning, not to a call
+    "think_onset",  # a think block began: the budget goes to reasoning, not to a call
     "truncated",  # hit max_tokens before a complete call
     "prose",  # text without any tool call
-    "bad_json",  # something call-like that does not parse
+    "bad_json",  # something call-like that does not parse (JSON, XML or pythonic)
+    "bad_format",  # a call in a shape the model's format does not allow, e.g. <function=...> without <tool_call>
     "wrong_tool",  # a call, but not to the expected tool
     "missing_arg",  # expected tool, a required argument absent
     "wrong_arg_value",  # expected tool, an argument value not among the accepted ones
     "unwrapped",  # expected tool called directly, without the rubric's wrapper
-    "extra_text",  # a correct call with text around it
+    "extra_text",  # a correct call with text (or another call) around it
     "server_error",  # no text: the request itself failed
 )
-
-
-@dataclass(frozen=True)
-class Call:
-    name: str
-    args: dict
-    wrapped: bool = False  # found inside the wrapper's code string
+JSON = get_parser("json")
 
 
 @dataclass(frozen=True)
@@ -53,59 +52,118 @@ class Score:
         return asdict(self)
 
 
-_TAG = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
-_THINK = re.compile(r"<think>", re.I)
+@dataclass(frozen=True)
+class Rubric:
+    """Score for each level of the rubric; the wrapper's name is a setting, not code."""
+
+    wrapper: str | None = "execute_code"
+    wrapped: float = 1.0  # the expected tool called inside the wrapper's code
+    direct: float = 0.5  # the expected tool called directly, without the wrapper
+    other: float = 0.0  # prose, no call, wrong tool, broken call
+
+    def check(self) -> list[str]:
+        p = []
+        for k in ("wrapped", "direct", "other"):
+            v = getattr(self, k)
+            if not 0 <= v <= 1:
+                p.append(f"{k}: must be between 0 and 1, got {v}")
+        if not self.other <= self.direct <= self.wrapped:
+            p.append(f"weights must satisfy other <= direct <= wrapped, got {self.other}, {self.direct}, {self.wrapped}")
+        return p
 
 
-def find_json_objects(text: str) -> list[tuple[int, int, Any]]:
-    """Every top-level JSON object in ``text`` as (start, end, value)."""
-    dec = json.JSONDecoder()
-    out, i = [], 0
-    while (i := text.find("{", i)) != -1:
-        try:
-            value, end = dec.raw_decode(text, i)
-        except json.JSONDecodeError:
-            i += 1
-            continue
-        out.append((i, end, value))
-        i = end
-    return out
+@dataclass(frozen=True)
+class Expect:
+    tool: str
+    alternatives: tuple[str, ...] = ()
+    # argument -> accepted values (an empty list accepts any value; the key being present is what counts)
+    args: dict = field(default_factory=dict)
+
+    def check(self) -> list[str]:
+        p = []
+        for k, v in self.args.items():
+            if not isinstance(v, list):
+                p.append(f"args.{k}: expected a list of accepted values (or []), got {v!r}")
+        return p
+
+    @property
+    def tools(self) -> tuple[str, ...]:
+        return (self.tool, *self.alternatives)
 
 
-def _as_call(value: Any) -> Call | None:
-    if isinstance(value, dict) and isinstance(value.get("name"), str):
-        args = value.get("arguments", value.get("parameters", {}))
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except json.JSONDecodeError:
-                return None
-        return Call(value["name"], args if isinstance(args, dict) else {})
-    return None
+def score(suite: Any, prompt: Any, text: str | None, finish_reason: str | None = None, error: str | None = None,
+          parser: Parser | None = None) -> Score:
+    """Judge one raw answer with the suite's own scorer. ``finish_reason`` 'length' means the server
+    hit max_tokens; ``parser`` is the model's (``parsers.resolve_parser``), None for JSON."""
+    return suite.score(prompt, text, finish_reason, error, parser or JSON)
 
 
 def extract_calls(text: str) -> tuple[list[Call], list[tuple[int, int]], str | None]:
-    """(calls, spans of text they occupy, parse problem if something call-like did not parse)."""
-    calls, spans, problem = [], [], None
-    tags = list(_TAG.finditer(text))
-    if tags:
-        for m in tags:
-            objs = find_json_objects(m.group(1))
-            call = _as_call(objs[0][2]) if objs else None
-            if call is None:
-                problem = f"<tool_call> body is not a JSON call: {m.group(1)[:60]!r}"
-                continue
-            calls.append(call)
-            spans.append(m.span())
-        return calls, spans, problem
-    for start, end, value in find_json_objects(text):
-        call = _as_call(value)
-        if call:
-            calls.append(call)
-            spans.append((start, end))
-    if not calls and re.search(r'\{\s*"name"\s*:', text):
-        problem = "a JSON call starts but does not parse"
-    return calls, spans, problem
+    """(calls, spans, parse problem) by mlxft's JSON scanner: ``<tool_call>{json}`` or bare JSON."""
+    found = scan_json(text)
+    return found.calls, found.spans, found.problem
+
+
+def no_call(other: float, text: str, found: Extraction, finish_reason: str | None, max_tokens: int) -> Score:
+    """The code of an answer in which no call was found (one place, so every task agrees)."""
+    if finish_reason == "length":
+        return Score(other, False, "truncated", f"hit max_tokens ({max_tokens}) before a complete call")
+    if found.problem:
+        return Score(other, False, found.problem_code or "bad_json", found.problem)
+    return Score(other, False, "prose", f"no tool call: {_excerpt(text)}")
+
+
+def think_first(text: str, found: Extraction, think: str) -> bool:
+    m = re.search(re.escape(think), text, re.I) if think else None
+    return bool(m) and (not found.spans or m.start() < found.spans[0][0])
+
+
+def judge(rubric: Rubric, params: dict[str, tuple[str, ...]], expect: Expect, text: str | None,
+          finish_reason: str | None, error: str | None, parser: Parser, max_tokens: int,
+          tools: list[dict] | None = None) -> Score:
+    """The tool-suite rubric (wrapped / direct / other) applied to the calls ``parser`` finds."""
+    r = rubric
+    if text is None or error:
+        return Score(r.other, False, "server_error", f"request failed: {error or 'no text'}")
+    found = parser.extract(text, tools)
+    extra = {"parser": found.via or parser.name}
+    if think_first(text, found, parser.think):
+        return Score(r.other, False, "think_onset", f"a {parser.think} block began before any tool call", extra=extra)
+    if not found.calls:
+        return _with(no_call(r.other, text, found, finish_reason, max_tokens), extra)
+
+    first = found.calls[0]
+    expected = set(expect.tools)
+    if r.wrapper and first.name == r.wrapper:
+        code = first.args.get("code")
+        if not isinstance(code, str):
+            return Score(r.other, False, "bad_json", f"{r.wrapper} call has no 'code' string", _ex(first), extra)
+        try:
+            inner = parse_code_calls(code, params)
+        except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+            why = e.msg if isinstance(e, SyntaxError) else type(e).__name__
+            return Score(r.other, False, "bad_json", f"{r.wrapper} code is not valid Python: {why}", _ex(first), extra)
+        hit = next((c for c in inner if c.name in expected), None)
+        if hit is None:
+            named = [c.name for c in inner] or ["nothing"]
+            return Score(r.other, False, "wrong_tool",
+                         f"{r.wrapper} calls {', '.join(named)}; expected {expect.tool}", _ex(first), extra)
+        call, value, level = hit, r.wrapped, "wrapped"
+    elif first.name in expected:
+        call, value, level = first, (r.direct if r.wrapper else r.wrapped), "direct"
+    else:
+        return Score(r.other, False, "wrong_tool", f"called {first.name}; expected {expect.tool}", _ex(first), extra)
+
+    bad = check_args(expect, call)
+    if bad:
+        return Score(value, False, bad[0], bad[1], _ex(call), extra)
+    if level == "direct" and r.wrapper:
+        return Score(value, False, "unwrapped", f"{call.name} called directly, not inside {r.wrapper}", _ex(call), extra)
+    outside = outside_spans(text, found.spans[:1])
+    if outside:
+        return Score(value, False, "extra_text", f"correct call with extra text: {_excerpt(outside)}", _ex(call), extra)
+    return Score(value, True, "ok", f"{call.name} called correctly" + (f" inside {r.wrapper}" if level == "wrapped" else ""),
+                 _ex(call), extra)
 
 
 def parse_code_calls(code: str, params: dict[str, tuple[str, ...]]) -> list[Call]:
@@ -133,8 +191,11 @@ def parse_code_calls(code: str, params: dict[str, tuple[str, ...]]) -> list[Call
 def _literal(node: ast.AST) -> Any:
     try:
         return ast.literal_eval(node)
-    except (ValueError, SyntaxError, TypeError):
-        return ast.unparse(node)
+    except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
+        try:
+            return ast.unparse(node)
+        except RecursionError:
+            return "<expression>"
 
 
 def _norm(v: Any) -> Any:
@@ -149,11 +210,15 @@ def _norm(v: Any) -> Any:
         return v
     if isinstance(v, (int, float)):
         return float(v)
+    if isinstance(v, (list, dict)):
+        return repr(v)  # hashable, so it can be compared with the accepted values
     return v
 
 
-def check_args(prompt: Prompt, call: Call) -> tuple[str, str] | None:
-    for arg, accepted in prompt.expect.args.items():
+def check_args(expect: Any, call: Call) -> tuple[str, str] | None:
+    """(code, why) for the first required argument missing or not accepted; ``expect`` may be a prompt."""
+    expect = getattr(expect, "expect", expect)
+    for arg, accepted in expect.args.items():
         if arg not in call.args:
             return "missing_arg", f"{call.name} is missing required argument {arg!r}"
         if accepted and _norm(call.args[arg]) not in {_norm(a) for a in accepted}:
@@ -161,68 +226,17 @@ def check_args(prompt: Prompt, call: Call) -> tuple[str, str] | None:
     return None
 
 
-def score(suite: Suite, prompt: Prompt, text: str | None, finish_reason: str | None = None,
-          error: str | None = None) -> Score:
-    """Judge one raw answer. ``finish_reason`` 'length' means the server hit max_tokens."""
-    if suite.kind == "bfcl":
-        from mlx_ft import bfcl
-
-        return bfcl.score(prompt, text, finish_reason, error)
-    r = suite.rubric
-    if text is None or error:
-        return Score(r.other, False, "server_error", f"request failed: {error or 'no text'}")
-    calls, spans, problem = extract_calls(text)
-    think = _THINK.search(text)
-    if think and (not spans or think.start() < spans[0][0]):
-        return Score(r.other, False, "think_onset", "a <think> block began before any tool call")
-    if not calls:
-        if finish_reason == "length":
-            return Score(r.other, False, "truncated", f"hit max_tokens ({suite.generation.max_tokens}) before a complete call")
-        if problem:
-            return Score(r.other, False, "bad_json", problem)
-        return Score(r.other, False, "prose", f"no tool call: {_excerpt(text)}")
-
-    params = {t.name: t.params for t in suite.tools}
-    expected = set(prompt.expect.tools)
-    first = calls[0]
-    if r.wrapper and first.name == r.wrapper:
-        code = first.args.get("code")
-        if not isinstance(code, str):
-            return Score(r.other, False, "bad_json", f"{r.wrapper} call has no 'code' string", _ex(first))
-        try:
-            inner = parse_code_calls(code, params)
-        except SyntaxError as e:
-            return Score(r.other, False, "bad_json", f"{r.wrapper} code is not valid Python: {e.msg}", _ex(first))
-        hit = next((c for c in inner if c.name in expected), None)
-        if hit is None:
-            named = [c.name for c in inner] or ["nothing"]
-            return Score(r.other, False, "wrong_tool",
-                         f"{r.wrapper} calls {', '.join(named)}; expected {prompt.expect.tool}", _ex(first))
-        call, value, level = hit, r.wrapped, "wrapped"
-    elif first.name in expected:
-        call, value, level = first, (r.direct if r.wrapper else r.wrapped), "direct"
-    else:
-        return Score(r.other, False, "wrong_tool", f"called {first.name}; expected {prompt.expect.tool}", _ex(first))
-
-    bad = check_args(prompt, call)
-    if bad:
-        return Score(value, False, bad[0], bad[1], _ex(call))
-    if level == "direct" and r.wrapper:
-        return Score(value, False, "unwrapped", f"{call.name} called directly, not inside {r.wrapper}", _ex(call))
-    outside = _outside(text, spans[:1])
-    if outside:
-        return Score(value, False, "extra_text", f"correct call with extra text: {_excerpt(outside)}", _ex(call))
-    return Score(value, True, "ok", f"{call.name} called correctly" + (f" inside {r.wrapper}" if level == "wrapped" else ""),
-                 _ex(call))
-
-
-def _outside(text: str, spans: list[tuple[int, int]]) -> str:
+def outside_spans(text: str, spans: list[tuple[int, int]]) -> str:
     rest, last = [], 0
-    for a, b in spans:
+    for a, b in sorted(set(spans)):
         rest.append(text[last:a])
-        last = b
+        last = max(last, b)
     rest.append(text[last:])
     return "".join(rest).strip()
+
+
+def _with(s: Score, extra: dict) -> Score:
+    return Score(s.value, s.passed, s.code, s.explanation, s.extracted, {**s.extra, **extra})
 
 
 def _ex(call: Call) -> dict:

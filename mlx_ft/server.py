@@ -26,13 +26,13 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
 import httpx
 
 from mlx_ft import _blas
+from mlx_ft.engines import Reply
 from mlx_ft.errors import PortInUseError, ServerError, WrongModelError
 from mlx_ft.fingerprint import PROBE_MESSAGES, compare
 
@@ -97,18 +97,6 @@ def free_port() -> int:
         except PortInUseError:
             continue
     raise ServerError("could not find a free port on 127.0.0.1")
-
-
-@dataclass
-class Reply:
-    text: str | None
-    finish_reason: str | None
-    completion_tokens: int | None
-    prompt_tokens: int | None
-    latency_s: float
-    error: str | None = None
-    token_ids: list[int] | None = None
-    logprobs: list[float] | None = None
 
 
 class Server:
@@ -229,7 +217,7 @@ class Server:
 
     def chat(self, messages: Sequence[dict], *, adapter: str | None = None, max_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, stop: Sequence[str] = (), logprobs: bool = False,
-             send_model: bool = True) -> Reply:
+             tools: Sequence[dict] | None = None, send_model: bool = True) -> Reply:
         """One chat completion. ``model`` is sent unless told not to: without it mlx-lm ignores a
         per-request adapter, and *with* it but without ``adapters`` it drops a ``--adapter-path``
         adapter (measured) -- so the body always says exactly which weights to use."""
@@ -241,6 +229,8 @@ class Server:
             body["adapters"] = str(Path(adapter).resolve())
         if logprobs:
             body["logprobs"] = True
+        if tools:
+            body["tools"] = list(tools)  # rendered by the model's chat template, as in training
         t = time.perf_counter()
         for attempt in range(RETRIES + 1):
             try:

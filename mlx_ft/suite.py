@@ -1,20 +1,25 @@
 """Eval suite files: versioned YAML, loaded into frozen dataclasses, every problem at once.
 
-A suite names the system prompt (the one the model was trained with -- seed 004 lost points to a
-``_direct`` suffix that only the eval had), the tools, generation settings, the rubric and the
-prompts. ``<think>`` is always among the stop sequences: a suite cannot forget it.
+A suite names the system prompt (the one the model was trained with: an eval-only suffix on it
+costs points the model never had a chance to earn), the tools, generation settings, the rubric and
+the prompts. Tools come in two forms: ``{name, params}`` (described by the system prompt as written)
+or OpenAI function schemas ``{name, description, parameters}`` (optionally wrapped as
+``{type: function, function: {...}}``), rendered by the chat template's ``tools`` exactly as mlx-lm
+renders ``{"messages", "tools"}`` training data. ``<think>`` is always among the stop sequences.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 from mlx_ft import config as cfgmod
 from mlx_ft.errors import ConfigError
+from mlx_ft.scoring import Expect, Rubric, Score, judge
+from mlx_ft.task import Task, check_format, digest, openai_tools, tools_in_system
+
+__all__ = ["FORMAT", "ALWAYS_STOP", "Tool", "Generation", "Rubric", "Expect", "Prompt", "Suite", "load_suite"]
 
 FORMAT = "mlxft-suite/1"
 ALWAYS_STOP = ("<think>",)
@@ -25,6 +30,25 @@ class Tool:
     name: str
     params: tuple[str, ...] = ()
     description: str = ""
+    parameters: dict | None = None  # JSON schema (type: object, properties, required): a native tool
+
+    def check(self) -> list[str]:
+        s = self.parameters
+        if s is None:
+            return []
+        if s.get("type", "object") != "object" or not isinstance(s.get("properties", {}), dict):
+            return ["parameters: must be a JSON schema {type: object, properties: {...}, required: [...]}"]
+        missing = [r for r in s.get("required", []) if r not in s.get("properties", {})]
+        return [f"parameters.required: {missing} not among its properties"] if missing else []
+
+    @property
+    def arg_names(self) -> tuple[str, ...]:
+        return tuple((self.parameters or {}).get("properties", {})) if self.parameters is not None else self.params
+
+    def schema(self) -> dict:
+        params = self.parameters if self.parameters is not None else {
+            "type": "object", "properties": {p: {"type": "string"} for p in self.params}, "required": list(self.params)}
+        return {"name": self.name, "description": self.description, "parameters": params}
 
 
 @dataclass(frozen=True)
@@ -48,45 +72,6 @@ class Generation:
 
 
 @dataclass(frozen=True)
-class Rubric:
-    """Score for each level of the seed's rubric; the wrapper's name is a setting, not code."""
-
-    wrapper: str | None = "execute_code"
-    wrapped: float = 1.0  # the expected tool called inside the wrapper's code
-    direct: float = 0.5  # the expected tool called directly, without the wrapper
-    other: float = 0.0  # prose, no call, wrong tool, broken JSON
-
-    def check(self) -> list[str]:
-        p = []
-        for k in ("wrapped", "direct", "other"):
-            v = getattr(self, k)
-            if not 0 <= v <= 1:
-                p.append(f"{k}: must be between 0 and 1, got {v}")
-        if not self.other <= self.direct <= self.wrapped:
-            p.append(f"weights must satisfy other <= direct <= wrapped, got {self.other}, {self.direct}, {self.wrapped}")
-        return p
-
-
-@dataclass(frozen=True)
-class Expect:
-    tool: str
-    alternatives: tuple[str, ...] = ()
-    # argument -> accepted values (an empty list accepts any value; the key being present is what counts)
-    args: dict = field(default_factory=dict)
-
-    def check(self) -> list[str]:
-        p = []
-        for k, v in self.args.items():
-            if not isinstance(v, list):
-                p.append(f"args.{k}: expected a list of accepted values (or []), got {v!r}")
-        return p
-
-    @property
-    def tools(self) -> tuple[str, ...]:
-        return (self.tool, *self.alternatives)
-
-
-@dataclass(frozen=True)
 class Prompt:
     id: str
     category: str
@@ -98,40 +83,85 @@ class Prompt:
 
 
 @dataclass(frozen=True)
-class Suite:
+class Suite(Task):
+    """The tools task: one user request per prompt, judged by the rubric (wrapped / direct / other)."""
+
     name: str
     format: str
     system_prompt: str
-    tools: tuple[Tool, ...]
+    toolset: tuple[Tool, ...]  # the YAML's ``tools``
     prompts: tuple[Prompt, ...]
     generation: Generation = field(default_factory=Generation)
     rubric: Rubric = field(default_factory=Rubric)
     path: str = ""
-    kind: Literal["tools", "bfcl"] = "tools"
+    tool_format: str = "auto"  # auto (the model's own parser) | json | qwen3_coder | ... (parsers.names())
+    tool_render: str = "none"  # template | system_prompt (native tools) | none ({name, params} tools)
 
     @property
     def tool_names(self) -> set[str]:
-        return {t.name for t in self.tools}
+        return {t.name for t in self.toolset}
+
+    @property
+    def native(self) -> bool:
+        return self.tool_render != "none"
 
     def params_of(self, tool: str) -> tuple[str, ...]:
-        return next((t.params for t in self.tools if t.name == tool), ())
+        return next((t.arg_names for t in self.toolset if t.name == tool), ())
+
+    def schemas(self) -> list[dict]:
+        return openai_tools([t.schema() for t in self.toolset])
 
     def fingerprint(self) -> str:
         """Hash of everything that changes a score, so results from an edited suite are not mixed."""
-        blob = json.dumps(
-            {"kind": self.kind, "system": self.system_prompt, "gen": asdict(self.generation),
-             "rubric": asdict(self.rubric), "prompts": [asdict(p) for p in self.prompts]},
-            sort_keys=True, default=list,
-        )
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        blob = {"kind": "tools", "system": self.system_prompt, "gen": asdict(self.generation),
+                "rubric": asdict(self.rubric), "prompts": [asdict(p) for p in self.prompts]}
+        if self.native or self.tool_format != "auto":  # suites of the first format keep their fingerprint
+            blob.update(tools=self.schemas(), render=self.tool_render, tool_format=self.tool_format)
+        return digest(blob)
 
-    def messages(self, prompt) -> list[dict]:
+    def messages(self, prompt: Prompt) -> list[dict]:
         """The chat sent for one prompt: the suite's system prompt and the user's request."""
-        if self.kind == "bfcl":
-            from mlx_ft import bfcl
+        system = tools_in_system(self.system_prompt, self.schemas()) if self.tool_render == "system_prompt" \
+            else self.system_prompt
+        return [{"role": "system", "content": system}, {"role": "user", "content": prompt.user}]
 
-            return bfcl.messages(prompt)
-        return [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": prompt.user}]
+    def tools(self, prompt: Prompt | None = None) -> list[dict] | None:
+        return self.schemas() if self.tool_render == "template" else None
+
+    def score(self, prompt: Prompt, text: str | None, finish_reason: str | None, error: str | None,
+              parser: Any) -> Score:
+        params = {t.name: t.arg_names for t in self.toolset}
+        return judge(self.rubric, params, prompt.expect, text, finish_reason, error, parser,
+                     self.generation.max_tokens, self.schemas() if self.native else None)
+
+
+@dataclass(frozen=True)
+class _File:
+    """The top-level keys of a suite file (``tools`` and ``prompts`` are checked item by item)."""
+
+    name: str
+    format: str
+    system_prompt: str
+    tools: tuple = ()
+    prompts: tuple = ()
+    generation: Generation = field(default_factory=Generation)
+    rubric: Rubric = field(default_factory=Rubric)
+    tool_format: str = "auto"
+
+    def check(self) -> list[str]:
+        return check_format(self.tool_format)
+
+
+def _tool(i: int, t: Any, problems: list[str]) -> Tool | None:
+    if not isinstance(t, dict):
+        problems.append(f"tools[{i}]: expected a mapping ({{name, params}} or a JSON schema), got {t!r}")
+        return None
+    if t.get("type") == "function" and isinstance(t.get("function"), dict):
+        t = t["function"]
+    if "parameters" in t and "params" in t:
+        problems.append(f"tools[{i}]: give either params (a list of names) or parameters (a JSON schema), not both")
+        return None
+    return cfgmod.collect(Tool, t, f"tools[{i}].", problems)
 
 
 def load_suite(path: str | Path) -> Suite:
@@ -139,12 +169,8 @@ def load_suite(path: str | Path) -> Suite:
     path = Path(path)
     raw = cfgmod.read_yaml(path)
     problems: list[str] = []
-    tools, prompts = [], []
-    for i, t in enumerate(raw.get("tools") or []):
-        if isinstance(t, dict):
-            tools.append(cfgmod.collect(Tool, t, f"tools[{i}].", problems))
-        else:
-            problems.append(f"tools[{i}]: expected a mapping with name and params, got {t!r}")
+    tools = [_tool(i, t, problems) for i, t in enumerate(raw.get("tools") or [])]
+    prompts = []
     for i, p in enumerate(raw.get("prompts") or []):
         label = f"prompts[{i}]" + (f" ({p.get('id')})" if isinstance(p, dict) and p.get("id") else "")
         if not isinstance(p, dict):
@@ -154,15 +180,18 @@ def load_suite(path: str | Path) -> Suite:
             problems.append(f"{label}.expect: required mapping with at least 'tool'")
             continue
         prompts.append(cfgmod.collect(Prompt, {**p, "expect": p["expect"]}, f"{label}.", problems))
-    head = {k: v for k, v in raw.items() if k not in ("tools", "prompts")}
-    suite = cfgmod.collect(Suite, {**head, "tools": (), "prompts": ()}, "", problems)
+    head = cfgmod.collect(_File, {**raw, "tools": (), "prompts": ()}, "", problems)
     if "format" in raw and raw["format"] != FORMAT:
         problems.append(f"format: {raw['format']!r} is not supported; this mlxft reads {FORMAT!r}")
     if not raw.get("tools"):
-        problems.append("tools: required, a list of {name, params}")
+        problems.append("tools: required, a list of {name, params} or of JSON schemas {name, description, parameters}")
     if not raw.get("prompts"):
         problems.append("prompts: required, a non-empty list")
-    names = [t.name for t in tools if t]
+    tools = [t for t in tools if t]
+    forms = {t.parameters is not None for t in tools}
+    if len(forms) > 1:
+        problems.append("tools: mixes {name, params} entries with JSON-schema entries; use one form for all")
+    names = [t.name for t in tools]
     seen: set[str] = set()
     for p in prompts:
         if p is None:
@@ -173,13 +202,16 @@ def load_suite(path: str | Path) -> Suite:
         for tool in p.expect.tools:
             if tool not in names:
                 problems.append(f"prompts ({p.id}).expect: tool {tool!r} is not in the suite's tools list")
-        params = next((t.params for t in tools if t and t.name == p.expect.tool), ())
+        params = next((t.arg_names for t in tools if t.name == p.expect.tool), ())
         for arg in p.expect.args:
             if params and arg not in params:
                 problems.append(f"prompts ({p.id}).expect.args: {arg!r} is not a parameter of {p.expect.tool}")
-    rubric = suite.rubric if suite else None
+    rubric = head.rubric if head else None
     if rubric and rubric.wrapper and rubric.wrapper in names:
         problems.append(f"rubric.wrapper: {rubric.wrapper!r} must not also be listed as a tool")
     if problems:
         raise ConfigError(path, problems)
-    return Suite(**{**suite.__dict__, "tools": tuple(tools), "prompts": tuple(prompts), "path": str(path)})
+    render = "template" if forms == {True} else "none"
+    return Suite(name=head.name, format=head.format, system_prompt=head.system_prompt, toolset=tuple(tools),
+                 prompts=tuple(prompts), generation=head.generation, rubric=head.rubric, path=str(path),
+                 tool_format=head.tool_format, tool_render=render)

@@ -25,9 +25,12 @@ from typing import Callable
 
 from mlx_ft import config as cfgmod
 from mlx_ft import data as datamod
-from mlx_ft.checkpoints import complete_checkpoints, write_checkpoint
+from mlx_ft.console import library_output
+from mlx_ft.checkpoints import write_checkpoint
 from mlx_ft.errors import TrainingError, UserError
 from mlx_ft.files import append_jsonl, read_json, read_jsonl, sha256, write_json, write_text
+from mlx_ft.models import identity
+from mlx_ft.runs import complete_checkpoints
 from mlx_ft.preflight import Prepared, prepare
 from mlx_ft.recipe import LoraConfig, TrainConfig, adapter_config, load_config
 
@@ -157,6 +160,7 @@ class Run:
             "wall_time_s": round(time.perf_counter() - self.t0 + self.wall_before, 2),
             "seed": self.cfg.seed,
             "base_model": str(self.prep.model_path.resolve()),
+            "model": identity(self.cfg.model, self.prep.model_path),  # repo id + commit when from the HF cache
             "world_size": self.world_size,
             "fingerprint": fp,
         }
@@ -261,6 +265,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None, resume:
             "name": cfg.name,
             "config": cfgmod.to_dict(cfg),
             "model_path": str(prep.model_path.resolve()),
+            "model": identity(cfg.model, prep.model_path),
             "data_sha256": data_hashes(cfg.data),
             "versions": versions(),
             "examples": {s: len(r) for s, r in prep.splits.items()},
@@ -294,7 +299,7 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None, resume:
     t0 = time.perf_counter()
     status = "failed"
     try:
-        with contextlib.redirect_stdout(sys.stderr):  # mlx-lm's progress bar goes to stderr
+        with library_output():  # mlx-lm's progress bar: to stderr, colour only on a terminal
             mlx_train(model, opt, train_set, None, args=args, training_callback=_make_callback(run),
                       iterate_batches=_skip_batches(start_step, cfg.seed))
         status = "complete"

@@ -2,7 +2,7 @@
 """Eval throughput: mlxft's eval vs the naive way, side by side in one run, outputs compared.
 
 naive: a fresh ``mlx_lm.server --adapter-path CKPT`` per target, one request at a time (what the
-seed user did). mlxft, both engines of ``mlx_ft.evaluate.evaluate`` with identity checks on:
+seed user did). mlxft, both engines of ``mlx_ft.evaluate.evaluate_targets`` with identity checks on:
 ``batched`` (the default: every target in one in-process batch, one row per prompt and target) and
 ``server`` (one isolated server per base model, per-request adapters, a target's prompts in flight
 at once). Prints the wall times, the ratios to naive, and how many greedy outputs are identical to
@@ -25,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx_ft  # noqa: E402,F401  (fast BLAS before mlx)
-from mlx_ft.evaluate import evaluate, run_targets  # noqa: E402
+from mlx_ft.evaluate import evaluate_targets  # noqa: E402
+from mlx_ft.targets import run_targets  # noqa: E402
 from mlx_ft.server import Server  # noqa: E402
 from mlx_ft.suite import load_suite  # noqa: E402
 
@@ -60,7 +61,7 @@ def naive(targets, suite, log_dir: Path) -> tuple[float, dict]:
 def ours(targets, suite, out_root: Path, engine: str) -> tuple[float, dict]:
     moved = [dataclasses.replace(t, out_dir=out_root / t.name) for t in targets]
     t0 = time.perf_counter()
-    records = evaluate(moved, suite, engine=engine, log=lambda s: print("  " + s, file=sys.stderr), log_dir=out_root)
+    records = evaluate_targets(moved, suite, engine=engine, log=lambda s: print("  " + s, file=sys.stderr), log_dir=out_root)
     seconds = time.perf_counter() - t0
     return seconds, {(r["target"]["name"], x["id"]): x["text"] for r in records for x in r["results"]}
 

@@ -4,9 +4,10 @@
     python scripts/profile_eval.py --run runs/demo                       # batched engine (default)
     python scripts/profile_eval.py --run runs/demo --engine server [--checkpoint step_000048]
 
-batched: the phases of ``mlx_ft.evaluate.evaluate_batched`` timed one by one on base + every
-checkpoint: model load, reading the adapters strictly, the fingerprint probes, the shared prompt
-prefix, then mlx-lm's own prefill and decode counters; and this process's peak RSS.
+batched: the real steps of ``mlx_ft.engine_batched.BatchedEngine`` timed one by one on base + every
+checkpoint: model load, reading the adapters strictly and stacking them, the fingerprint probes,
+then generation (shared prompt prefix, mlx-lm's own prefill and decode counters); and this
+process's peak RSS.
 server: through the same isolated server mlxft uses: start until ready; the probe request that
 makes the server load the adapter (it reloads the base with it); the suite's prompts with
 max_tokens=1 (prefill, batched); the same prompts at the suite's max_tokens (prefill + decode);
@@ -25,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx_ft  # noqa: E402,F401
-from mlx_ft.evaluate import run_targets  # noqa: E402
+from mlx_ft.engines import Request  # noqa: E402
+from mlx_ft.targets import run_targets  # noqa: E402
 from mlx_ft.server import Server  # noqa: E402
 from mlx_ft.suite import load_suite  # noqa: E402
 
@@ -46,45 +48,33 @@ def profile_batched(targets, suite) -> None:
     from mlx_lm.utils import load
 
     from mlx_ft import batched
+    from mlx_ft.engine_batched import BatchedEngine
 
     t = time.perf_counter()
     model, tokenizer = load(str(targets[0].model))
     load_s = time.perf_counter() - t
     t = time.perf_counter()
-    adapters = [None] + [batched.read_adapter(x.adapter, model) for x in targets if x.adapter]
-    engine = batched.MultiAdapterModel(model, adapters)
+    adapters = {x.name: batched.read_adapter(x.adapter, model) if x.adapter else None for x in targets}
+    engine = BatchedEngine(model, tokenizer, suite, adapters)
     adapters_s = time.perf_counter() - t
     t = time.perf_counter()
-    probes = {}
-    batched.generate(engine, tokenizer, batched.probe_rows(tokenizer, dict.fromkeys(range(len(adapters)))),
-                     on_done=lambda d: probes.__setitem__(d.key, d))
-    slot = 0
-    for x in targets:
-        slot += bool(x.adapter)
-        batched.check_probe(x.name, x.fingerprint, probes[slot if x.adapter else 0])
+    engine.probe(targets)
     probe_s = time.perf_counter() - t
-    tokens = [tokenizer.apply_chat_template(suite.messages(p), add_generation_prompt=True) for p in suite.prompts]
-    n = batched.common_prefix(tokens)
     t = time.perf_counter()
-    shared = {k: (n, engine.prefill(k, tokens[0][:n])) for k in range(len(adapters))}
-    prefix_s = time.perf_counter() - t
-    rows = [batched.Row(k, (k, j), tok, suite.generation.max_tokens) for k in range(len(adapters))
-            for j, tok in enumerate(tokens)]
-    t = time.perf_counter()
-    st = batched.generate(engine, tokenizer, rows, stop_words=suite.generation.stop_sequences, wave=256, shared=shared)
+    replies = list(engine.generate([Request(x, p) for x in targets for p in suite.prompts]))
     gen_s = time.perf_counter() - t
-    total = load_s + adapters_s + probe_s + prefix_s + gen_s
+    st = engine.stats
+    total = load_s + adapters_s + probe_s + gen_s
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
     print(f"targets                    {len(targets)} × {len(suite.prompts)} prompts (max_tokens "
-          f"{suite.generation.max_tokens}), {st['waves']} wave(s)")
+          f"{suite.generation.max_tokens}), {len(replies)} replies, {st['waves']} wave(s)")
     print(f"model load                 {load_s:.2f} s")
-    print(f"{f'read {len(adapters) - 1} adapters + stack':<27}{adapters_s:.2f} s")
-    print(f"fingerprint probes         {probe_s:.2f} s ({len(adapters)} rows, one batch)")
-    print(f"{f'shared prefix ({n} tokens)':<27}{prefix_s:.2f} s ({len(adapters)} prefills)")
+    print(f"{f'read {len(targets) - 1} adapters + stack':<27}{adapters_s:.2f} s")
+    print(f"fingerprint probes         {probe_s:.2f} s ({len(targets)} rows, one batch)")
     print(f"prefill                    {st['prompt_s']:.2f} s for {st['prompt_tokens']} tokens")
     print(f"decode                     {st['decode_s']:.2f} s for {st['decode_tokens']} tokens "
           f"({st['decode_tokens'] / st['decode_s']:.0f} tokens/s; {st['useful_tokens']} kept)")
-    print(f"generate wall              {gen_s:.2f} s")
+    print(f"generate wall              {gen_s:.2f} s (shared prefix, prefill, decode, detokenize)")
     print(f"total                      {total:.2f} s ({total / len(targets):.2f} s per target)")
     print(f"peak RSS                   {rss / 1e9:.2f} GB")
 

@@ -86,3 +86,65 @@ def small_suite(tmp_path: Path, n: int = 3, max_tokens: int = 24) -> Path:
     p = tmp_path / "mini.yaml"
     p.write_text(yaml.safe_dump(data))
     return p
+
+
+def make_hf_cache(hub: Path, repo_id: str, src: Path, commit: str = "0123456789abcdef0123456789abcdef01234567",
+                  ref: str = "main") -> Path:
+    """huggingface_hub's cache layout for ``src``'s files: ``hub/models--org--name/{refs/<ref>,
+    blobs/<id>, snapshots/<commit>/<file> -> ../../blobs/<id>}``. Blobs link to src's files (no copy)."""
+    repo = hub / ("models--" + repo_id.replace("/", "--"))
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for i, f in enumerate(sorted(p for p in src.iterdir() if p.is_file())):
+        blob = repo / "blobs" / f"{commit[:8]}{i:04d}"
+        blob.symlink_to(f.resolve())
+        (snap / f.name).symlink_to(Path("..", "..", "blobs", blob.name))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
+    return snap
+
+
+@pytest.fixture
+def offline_hf_home(tmp_path: Path, monkeypatch) -> Path:
+    """An empty Hugging Face home for this test, with the hub unreachable (HF_HUB_OFFLINE=1)."""
+    home = tmp_path / "hf_home"
+    (home / "hub").mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return home
+
+
+# Tiny random-weight models of each architecture users fine-tune, from mlx-lm's own model classes,
+# with the embedded model's tokenizer (so its vocabulary size). Dimensions divide by 64 (quantization groups).
+_TINY_COMMON = {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5, "vocab_size": 49152,
+                "max_position_embeddings": 2048, "rope_theta": 10000.0, "tie_word_embeddings": True}
+TINY_ARCHS = {
+    "llama": {"model_type": "llama"},
+    "mistral": {"model_type": "mistral", "tie_word_embeddings": False},
+    "qwen2": {"model_type": "qwen2"},
+    "qwen3": {"model_type": "qwen3"},
+    "qwen3_moe": {"model_type": "qwen3_moe", "num_experts": 4, "num_experts_per_tok": 2, "decoder_sparse_step": 1,
+                  "mlp_only_layers": [], "moe_intermediate_size": 64, "norm_topk_prob": True},
+    "gemma3_text": {"model_type": "gemma3_text", "query_pre_attn_scalar": 16, "sliding_window": 32,
+                    "sliding_window_pattern": 2, "rope_local_base_freq": 10000.0},
+}
+
+
+def tiny_model(out: Path, arch: str, tokenizer_src: Path, bits: int | None = None, seed: int = 0) -> Path:
+    """Write a tiny random-weight ``arch`` model to ``out`` (``bits``: quantized with mlx-lm, group 64)."""
+    import mlx.core as mx
+    from mlx_lm.utils import _get_classes, load_tokenizer, quantize_model, save
+
+    config = {**_TINY_COMMON, **TINY_ARCHS[arch]}
+    model_class, args_class = _get_classes(config)
+    mx.random.seed(seed)
+    model = model_class(args_class.from_dict(config))
+    mx.eval(model.parameters())
+    if bits:
+        model, config = quantize_model(model, config, 64, bits)
+    tok = load_tokenizer(tokenizer_src, eos_token_ids=None)
+    save(out, tokenizer_src, model, tok, config)
+    return out

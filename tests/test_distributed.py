@@ -71,3 +71,19 @@ def test_crashing_rank_fails_mlxft_train(tmp_path, tiny_data, embedded_model):
     cfg = cfg_for(tmp_path, tmp_path / "missing-data", "crash")
     with pytest.raises(TrainingError, match="rank"):
         train_distributed(cfg, ranks=2)
+
+
+def test_one_hostfile_parser_for_training_and_spreading(tmp_path):
+    """mlx.launch reads a list or {"hosts": [...]}; training and spreading must agree with it."""
+    from mlx_ft.hosts import load_hosts
+
+    listed = [{"ssh": "mac1.local", "ips": ["10.0.0.1"]}, {"ssh": "mac2.local", "ips": ["10.0.0.2"]}]
+    for i, data in enumerate((listed, {"hosts": listed, "backend": "ring"})):
+        path = tmp_path / f"h{i}.json"
+        path.write_text(json.dumps(data))
+        assert world_size(None, path) == 2
+        assert [h.name for h in load_hosts(path)] == ["mac1.local", "mac2.local"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"ips": ["10.0.0.1"]}, {"ssh": "m", "ips": "10.0.0.2"}]))
+    with pytest.raises(ConfigError, match=r"hosts\[0\].*ssh(.|\n)*hosts\[1\]\.ips"):
+        world_size(None, bad)

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from mlx_ft.errors import EvalError, ServerError, UserError, WrongModelError
-from mlx_ft.evaluate import evaluate, load_results, run_targets
+from mlx_ft.evaluate import evaluate_targets as evaluate
+from mlx_ft.results import load_results
+from mlx_ft.targets import run_targets
 from mlx_ft.files import write_json
 from mlx_ft.server import Reply
 from mlx_ft.suite import load_suite
@@ -92,7 +94,9 @@ def test_run_targets_are_base_plus_complete_checkpoints(tmp_path):
 
 def test_evaluate_writes_per_target_results(tmp_path):
     run = fake_run(tmp_path)
+    n = len(FakeServer.instances)
     records = evaluate(run_targets(run), suite, engine="server", server_factory=factory())
+    assert len(FakeServer.instances) - n == 1  # one server for all targets of a base model
     assert [r["target"]["name"] for r in records] == ["base", "step_000010", "step_000020"]
     base, ckpt = records[0], records[1]
     assert base["summary"]["score"] == 0 and base["summary"]["codes"] == {"prose": len(suite.prompts)}
@@ -100,7 +104,6 @@ def test_evaluate_writes_per_target_results(tmp_path):
     saved = json.loads((run / "evals" / "step_000010" / "tools.json").read_text())
     assert saved["results"][0]["text"] and saved["target"]["val_loss"] == 0.1
     assert set(saved["summary"]["categories"]) == {p.category for p in suite.prompts}
-    assert len(FakeServer.instances[-1:]) == 1  # one server for all targets of a base model
     assert set(load_results(run, "tools")) == {"base", "step_000010", "step_000020"}
 
 
@@ -131,6 +134,32 @@ def test_server_death_keeps_finished_prompts_and_resume_completes(tmp_path):
     fresh = evaluate(run_targets(fake_run(tmp_path / "b", steps=(10,)))[1:], suite, engine="server", server_factory=factory())
     strip = lambda rs: [{k: v for k, v in r.items() if k != "latency_s"} for r in rs]  # noqa: E731
     assert strip(records[0]["results"]) == strip(fresh[0]["results"])
+
+
+def test_results_of_other_weights_are_not_reused(tmp_path):
+    """Retraining a run (new weights, same checkpoint names) must not leave the old scores standing."""
+    run = fake_run(tmp_path, steps=(10,))
+    evaluate(run_targets(run), suite, engine="server", server_factory=factory())
+    result = run / "evals" / "step_000010" / "tools.json"
+    old_identity = json.loads(result.read_text())["identity"]
+    (run / "checkpoints" / "step_000010" / "adapters.safetensors").write_bytes(b"new weights")
+    n = len(FakeServer.instances)
+    logs: list[str] = []
+    evaluate(run_targets(run), suite, engine="server", server_factory=factory(), log=logs.append)
+    assert len(FakeServer.instances) - n == 1 and FakeServer.instances[-1].calls == len(suite.prompts)
+    assert any("other weights" in line for line in logs)
+    assert json.loads(result.read_text())["identity"] != old_identity
+    assert json.loads((run / "evals" / "base" / "tools.json").read_text())["identity"]  # base reused as is
+
+
+def test_partial_rows_of_other_weights_are_not_resumed(tmp_path):
+    run = fake_run(tmp_path, steps=(10,))
+    targets = run_targets(run)[1:]
+    with pytest.raises(ServerError):
+        evaluate(targets, suite, engine="server", server_factory=factory(die_after=5), concurrency=1)
+    (run / "checkpoints" / "step_000010" / "adapters.safetensors").write_bytes(b"retrained")
+    evaluate(run_targets(run)[1:], suite, engine="server", server_factory=factory(), resume=True)
+    assert FakeServer.instances[-1].calls == len(suite.prompts)  # nothing of the old weights kept
 
 
 def test_wrong_model_scores_nothing(tmp_path):

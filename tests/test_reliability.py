@@ -173,7 +173,7 @@ def test_batched_eval_killed_keeps_prompts_and_resume_completes(tmp_path, traine
 
 @pytest.mark.slow
 def test_sigkill_during_training_leaves_only_complete_checkpoints(tmp_path, tiny_data, embedded_model):
-    from mlx_ft.checkpoints import complete_checkpoints
+    from mlx_ft.runs import complete_checkpoints
 
     args = ["train", "--name", "k", "--data", str(tiny_data), "--runs-dir", str(tmp_path / "runs"), "--iters", "6",
             "--save-every", "2", "--batch-size", "2", "--num-layers", "2", "--lr", "1e-3", "--max-seq-length", "256"]

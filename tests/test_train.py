@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from mlx_ft.checkpoints import complete_checkpoints
+from mlx_ft.runs import complete_checkpoints
 from mlx_ft.errors import ConfigError, TrainingError, UserError
 from mlx_ft.train import Guard, load_config, smoke, train
 
@@ -112,8 +112,9 @@ def test_resume_continues_exactly(tmp_path, tiny_data, embedded_model):
     summary = train(cfg, resume=True)
     assert summary["checkpoints"] == ["step_000002", "step_000004"]
     again = mx.load(str(run / "checkpoints" / "step_000004" / "adapters.safetensors"))
-    for k in final:
-        assert mx.allclose(final[k], again[k], atol=1e-4).item(), k
+    for k in final:  # threaded BLAS sums in another order: equal relative to the weights' scale
+        scale = mx.abs(final[k]).max().item()
+        assert mx.abs(final[k] - again[k]).max().item() <= 1e-3 * scale + 1e-7, k
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3, 4]
 

@@ -1,0 +1,110 @@
+"""The ``batched`` engine: every target of one base model in one in-process batch (batched.py).
+
+The base is loaded once; each adapter target gets a slot, and every (target, prompt) request is a
+row of mlx-lm's BatchGenerator routed to its slot. Greedy only. A model already in memory (the
+training loop's, with its LoRA layers live) is served as is, as slot 0.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from mlx_lm.generate import make_text_state_machine
+from mlx_lm.utils import load
+
+from mlx_ft import batched
+from mlx_ft.engines import Reply, Request
+from mlx_ft.errors import UserError
+
+
+def render(tokenizer, suite, prompt) -> list[int]:
+    """The prompt's tokens exactly as the chat template renders its messages (and tools)."""
+    tools = suite.tools(prompt) if hasattr(suite, "tools") and callable(suite.tools) else None
+    if tools:
+        return tokenizer.apply_chat_template(suite.messages(prompt), tools=tools, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(suite.messages(prompt), add_generation_prompt=True)
+
+
+class BatchedEngine:
+    name = "batched"
+
+    def __init__(self, model, tokenizer, suite, adapters: dict[str, batched.Adapter | None], *, wave: int = 256,
+                 log: Callable[[str], None] = lambda s: None):
+        """``adapters``: each target's adapter by target name (None: the model as it is)."""
+        if suite.generation.temperature != 0:
+            raise UserError(f"{suite.path}: generation.temperature {suite.generation.temperature}; the batched "
+                            "engine is greedy only (temperature 0); use --engine server for sampling")
+        self.tokenizer, self.suite, self.wave, self.log = tokenizer, suite, wave, log
+        stack: list[batched.Adapter | None] = [None]
+        self.slot: dict[str, int] = {}
+        for name, a in adapters.items():
+            if a is not None:
+                stack.append(a)
+            self.slot[name] = len(stack) - 1 if a is not None else 0
+        self.multi = batched.MultiAdapterModel(model, stack)
+        self.stats: dict = {}
+        self.text_sm = make_text_state_machine(tokenizer, suite.generation.stop_sequences)
+
+    @classmethod
+    def load(cls, model_path: Path, targets: list, suite, *, wave: int = 256,
+             log: Callable[[str], None] = lambda s: None) -> "BatchedEngine":
+        t0 = time.perf_counter()
+        model, tokenizer = load(str(model_path))
+        adapters = {t.name: batched.read_adapter(Path(t.adapter), model) if t.adapter else None for t in targets}
+        engine = cls(model, tokenizer, suite, adapters, wave=wave, log=log)
+        log(f"batched engine: {Path(model_path).name} loaded with {sum(a is not None for a in adapters.values())} "
+            f"adapter(s) in {time.perf_counter() - t0:.1f} s")
+        return engine
+
+    def __enter__(self) -> "BatchedEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.multi = None
+
+    def details(self) -> dict:
+        return {"name": self.name, "rows": self.stats.get("rows"), "waves": self.stats.get("waves")}
+
+    def probe(self, targets: list) -> dict[str, dict]:
+        """Every target's probe, one row per slot, all in one batch through the same routing."""
+        rows = batched.probe_rows(self.tokenizer, {self.slot[t.name]: t.fingerprint for t in targets})
+        done = {d.key: d for d in batched.decode(self.multi, self.tokenizer, rows, wave=len(rows))}
+        return {t.name: batched.check_probe(t.name, t.fingerprint, done[self.slot[t.name]]) for t in targets}
+
+    def generate(self, requests: list[Request]) -> Iterator[tuple[Request, Reply]]:
+        gen = self.suite.generation
+        tokens: dict[str, list[int]] = {}
+        for r in requests:
+            if r.prompt.id not in tokens:
+                tokens[r.prompt.id] = render(self.tokenizer, self.suite, r.prompt)
+        rows = [batched.Row(self.slot[r.target.name], i, tokens[r.prompt.id], gen.max_tokens)
+                for i, r in enumerate(requests)]
+        if not rows:
+            return
+        shared, wave = self._shared_prefix(rows)
+        self.stats = {"rows": len(rows)}
+        for d in batched.decode(self.multi, self.tokenizer, rows, stop_words=gen.stop_sequences, wave=wave,
+                                shared=shared, stats=self.stats):
+            text = batched.reply_text(self.tokenizer, self.text_sm, d.token_ids, d.finish_reason)
+            yield requests[d.key], Reply(text, d.finish_reason, len(d.token_ids) + (d.finish_reason == "stop"),
+                                         d.prompt_tokens, d.seconds)
+        self.log(f"batched engine: prefill {self.stats['prompt_tokens']} tokens in {self.stats['prompt_s']:.1f} s, "
+                 f"decode {self.stats['decode_tokens']} tokens ({self.stats['useful_tokens']} kept) in "
+                 f"{self.stats['decode_s']:.1f} s")
+
+    def _shared_prefix(self, rows: list[batched.Row]) -> tuple[dict, int]:
+        """The rows' common prompt prefix (the system prompt), prefilled once per slot, and the
+        wave size that lets the KV cache fit in memory."""
+        n = batched.common_prefix([r.tokens for r in rows])
+        slots = sorted({r.slot for r in rows})
+        shared = {s: (n, self.multi.prefill(s, rows[0].tokens[:n])) for s in slots}
+        longest = max(len(r.tokens) for r in rows) + max(r.max_tokens for r in rows)
+        wave = batched.wave_size(shared[slots[0]][1], longest, self.wave)
+        self.log(f"batched engine: {len(rows)} prompts of {len(slots)} target(s) in waves of up to {wave} rows; "
+                 f"shared prompt prefix {n} tokens, prefilled once per target")
+        return shared, wave
