@@ -475,6 +475,18 @@ def _start_wave(engine: MultiAdapterModel, chunk: list[Row], shared: dict, stops
     return gen, live
 
 
+def _count(totals: dict, st=None) -> None:
+    """Add one wave's mlx-lm counters (``st``) to ``totals``; with none, start the counts at zero."""
+    for key in ("waves", "prompt_tokens", "decode_tokens", "useful_tokens", "prompt_s", "decode_s"):
+        totals.setdefault(key, 0)
+    if st is not None:
+        totals["waves"] += 1
+        totals["prompt_tokens"] += st.prompt_tokens
+        totals["prompt_s"] = round(totals["prompt_s"] + st.prompt_time, 2)
+        totals["decode_tokens"] += st.generation_tokens
+        totals["decode_s"] = round(totals["decode_s"] + st.decode_time, 2)
+
+
 def decode(engine: MultiAdapterModel, tokenizer, rows: list[Row], *, stop_words=(), wave: int = 64,
            shared: dict[int, tuple[int, list]] | None = None, stats: dict | None = None,
            prune: float = 0.1) -> Iterator[Done]:
@@ -495,10 +507,7 @@ def decode(engine: MultiAdapterModel, tokenizer, rows: list[Row], *, stop_words=
     stops = make_stop_sequences(tokenizer, list(stop_words))
     eos_only = make_stop_sequences(tokenizer, [])
     totals = stats if stats is not None else {}
-    for key in ("waves", "prompt_tokens", "decode_tokens", "useful_tokens"):
-        totals.setdefault(key, 0)
-    for key in ("prompt_s", "decode_s"):
-        totals.setdefault(key, 0.0)
+    _count(totals)
     t0 = time.perf_counter()
     for chunk in _waves(rows, wave):
         gen, live = _start_wave(engine, chunk, shared or {}, stops, eos_only)
@@ -518,11 +527,7 @@ def decode(engine: MultiAdapterModel, tokenizer, rows: list[Row], *, stop_words=
                     if live and len(stopped) >= max(1, prune * len(chunk)):
                         gen.remove(stopped)
                         stopped = []
-            totals["waves"] += 1
-            totals["prompt_tokens"] += st.prompt_tokens
-            totals["prompt_s"] = round(totals["prompt_s"] + st.prompt_time, 2)
-            totals["decode_tokens"] += st.generation_tokens
-            totals["decode_s"] = round(totals["decode_s"] + st.decode_time, 2)
+            _count(totals, st)
         finally:
             gen.close()
             del gen

@@ -9,6 +9,7 @@ from __future__ import annotations
 import click
 
 from mlx_ft.cli_eval import eval_cmd
+from mlx_ft.cli_run import run_cmd
 from mlx_ft.cli_select import fuse_cmd, pick_best_cmd, report_cmd
 from mlx_ft.cli_train import doctor, import_gguf_cmd, train
 
@@ -20,7 +21,10 @@ def main() -> None:
     score (not validation loss), fuse and quantize it.
 
     \b
-    Typical run:
+    The whole loop in one resumable command:
+      mlxft run -c configs/demo.yaml
+    \b
+    Or stage by stage:
       mlxft train -c configs/demo.yaml
       mlxft eval --prompts evals/tools.yaml --run runs/demo
       mlxft pick-best --run runs/demo
@@ -29,5 +33,5 @@ def main() -> None:
     """
 
 
-for command in (import_gguf_cmd, train, doctor, eval_cmd, pick_best_cmd, fuse_cmd, report_cmd):
+for command in (run_cmd, import_gguf_cmd, train, doctor, eval_cmd, pick_best_cmd, fuse_cmd, report_cmd):
     main.add_command(command)

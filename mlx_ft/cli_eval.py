@@ -10,17 +10,6 @@ from mlx_ft.cli_common import emit, errors, log
 from mlx_ft.tables import excerpt, pct, table
 
 
-def open_suite(spec: str, limit: int | None = None):
-    """A suite from a YAML path or a 'bfcl:...' spec."""
-    if str(spec).startswith("bfcl:"):
-        from mlx_ft.bfcl import load_bfcl
-
-        return load_bfcl(str(spec), limit)
-    from mlx_ft.suite import load_suite
-
-    return load_suite(spec)
-
-
 def eval_tables(records: list[dict]) -> str:
     """Per-prompt table (one column per target) and per-category table, like seed 004's."""
     if not records:
@@ -81,7 +70,7 @@ def eval_cmd(suite_path, limit, run_dir, model, adapter, out, engine, port, conc
     """
     from mlx_ft.errors import UserError
     from mlx_ft.console import progress_bar
-    from mlx_ft.evaluate import evaluate_targets
+    from mlx_ft.evaluate import evaluate_targets, open_suite
     from mlx_ft.targets import run_targets, single_target
 
     suite = open_suite(suite_path, limit)

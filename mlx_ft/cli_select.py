@@ -77,8 +77,9 @@ def pick_best_cmd(run_dir, run_dirs, suite, metric, confirm_split, bootstrap, pr
     data: dict | list = results[0] if len(results) == 1 else results
     if len(runs) > 1:
         seeds = seed_table(runs, suite, metric, picks=results)
-        rows = [[x["run"], x["chosen"], pct(x["score"]), pct(x["strict_pass"])] for x in seeds["runs"]]
-        text += "\n\n" + table(["run", "best", "score", "strict"], rows)
+        rows = [[x["run"], x["chosen"], pct(x["score"]), pct(x["strict_pass"]),
+                 (x.get("verdict_vs_base") or "-").replace("_", " ")] for x in seeds["runs"]]
+        text += "\n\n" + table(["run", "best", "score", "strict", "vs base"], rows)
         half = seeds["ci95_half_width"]
         text += f"\nmean best score across seeds {pct(seeds['mean'])}" + (f" ± {pct(half)} (95% t)" if half else "")
         if "cochran_q" in seeds:

@@ -29,9 +29,6 @@ def import_gguf_cmd(gguf: Path, out: Path, dtype: str, force: bool, as_json: boo
                           f"answer to the probe: {report['verified_answer']!r}")
 
 
-TRAIN_KEYS = ("name", "model", "data", "runs_dir", "fine_tune_type", "num_layers", "learning_rate", "iters",
-              "batch_size", "grad_accumulation", "seed", "max_seq_length", "save_every", "eval_suite")
-
 
 @click.command()
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
@@ -50,7 +47,10 @@ TRAIN_KEYS = ("name", "model", "data", "runs_dir", "fine_tune_type", "num_layers
 @click.option("--seeds", help="Comma-separated seeds: one run per seed, named NAME-sSEED.")
 @click.option("--max-seq-length", type=int)
 @click.option("--save-every", type=int, help="Write a checkpoint every N steps (and at the last step).")
-@click.option("--eval-suite", help="Eval suite whose system prompt must match the training data's.")
+@click.option("--eval-suite", help="Eval suite YAML: scored in the loop with --eval, and checked against the data.")
+@click.option("--eval/--no-eval", "eval_during_training", default=None,
+              help="Score every checkpoint on --eval-suite as it is written, in the training process "
+                   "(config eval_during_training; results in RUN/evals/, as mlxft eval writes them).")
 @click.option("--mask-prompt/--no-mask-prompt", default=None, help="Train only on the answer (default on).")
 @click.option("--allow-truncation", is_flag=True, default=None,
               help="Train even if some answers would be cut by max_seq_length.")
@@ -68,7 +68,7 @@ TRAIN_KEYS = ("name", "model", "data", "runs_dir", "fine_tune_type", "num_layers
 @click.option("--json", "as_json", is_flag=True)
 @errors
 def train(config_path, seeds, smoke, smoke_steps, resume, force, ranks, hostfile, spread, worker, as_json, mask_prompt,
-          allow_truncation, **flags):
+          allow_truncation, eval_during_training, **flags):
     """Train with mlx-lm, writing a loadable checkpoint every --save-every steps.
 
     Before the first step: data schema, lengths vs max_seq_length, trainable parameters. During
@@ -81,6 +81,8 @@ def train(config_path, seeds, smoke, smoke_steps, resume, force, ranks, hostfile
     overrides = {k: v for k, v in flags.items() if v is not None}
     if mask_prompt is not None:
         overrides["mask_prompt"] = mask_prompt
+    if eval_during_training is not None:
+        overrides["eval_during_training"] = eval_during_training
     if allow_truncation:
         overrides["allow_truncation"] = True
     cfg = trainmod.load_config(config_path, overrides)

@@ -70,3 +70,10 @@ class CorruptFileError(MlxftError):
 
 class SpreadError(MlxftError):
     """One or more jobs spread over hosts failed (each one's host and last output are in the message)."""
+
+
+class EarlyStopped(MlxftError):
+    """Not a failure: raised from the training callback to end mlx-lm's loop when the in-loop eval
+    stops improving (train.py catches it and records why)."""
+
+    exit_code = 0

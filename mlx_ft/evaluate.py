@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from mlx_ft.bfcl import load_bfcl
 from mlx_ft.engine_batched import BatchedEngine
 from mlx_ft.engine_server import ServerEngine
 from mlx_ft.engines import ENGINES, Engine, Reply, Request
@@ -23,10 +24,18 @@ from mlx_ft.files import append_jsonl, read_json, read_jsonl, write_json
 from mlx_ft.results import FORMAT, prompt_row, same_weights, suite_digest, summarize
 from mlx_ft.scoring import score
 from mlx_ft.server import Server
+from mlx_ft.suite import load_suite
 from mlx_ft.targets import Target
 
 Log = Callable[[str], None]
 Progress = Callable[[int, int], None]  # (prompts scored so far, prompts to score) in this eval
+
+
+def open_suite(spec: str | Path, limit: int | None = None):
+    """A suite from a YAML path or a 'bfcl:CATEGORY[,CATEGORY]' spec."""
+    if str(spec).startswith("bfcl:"):
+        return load_bfcl(str(spec), limit)
+    return load_suite(spec)
 
 
 class _TargetEval:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlx_ft.errors import ConfigError, SpreadError, UserError
+from mlx_ft.errors import ConfigError, MlxftError, SpreadError, UserError
 
 LOCAL = ("127.0.0.1", "localhost")
 SSH = ("ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10")
@@ -118,6 +118,33 @@ def fetch(host: Host, folder: Path) -> None:
     _rsync(host, f"{host.name}:{folder}/", f"{folder}/", f"copying {folder} back")
 
 
+def _run_job(host: Host, job: Job, popen, tail: deque[str]) -> str | None:
+    """Run one job on ``host``, its output into ``tail`` (and its log file); the reason it failed, or None."""
+    try:
+        for file in job.inputs:
+            push(host, file)
+        proc = popen(command(host, job.argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                     env={**os.environ, "MLXFT_SPREAD_HOST": host.name})
+        with contextlib.ExitStack() as stack:
+            out = None
+            if job.log_path:
+                job.log_path.parent.mkdir(parents=True, exist_ok=True)
+                out = stack.enter_context(job.log_path.open("w"))
+            for line in proc.stdout:
+                tail.append(line.rstrip())
+                if out:
+                    out.write(line)
+                    out.flush()
+        rc = proc.wait()
+        if rc != 0:
+            return f"exit code {rc}"
+        for folder in job.outputs:
+            fetch(host, folder)
+        return None
+    except (OSError, MlxftError) as e:
+        return str(e)
+
+
 def spread(jobs: list[Job], hosts: list[Host], *, log: Callable[[str], None] = lambda s: None,
            popen=subprocess.Popen) -> None:
     """Run every job on some host, one job per host at a time; raise SpreadError listing all failures."""
@@ -137,30 +164,10 @@ def spread(jobs: list[Job], hosts: list[Host], *, log: Callable[[str], None] = l
                 return
             log(f"[{host.name}] {job.label}: started" + (f" (output: {job.log_path})" if job.log_path else ""))
             tail: deque[str] = deque(maxlen=30)
-            try:
-                for file in job.inputs:
-                    push(host, file)
-                proc = popen(command(host, job.argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                             env={**os.environ, "MLXFT_SPREAD_HOST": host.name})
-                with contextlib.ExitStack() as stack:
-                    out = None
-                    if job.log_path:
-                        job.log_path.parent.mkdir(parents=True, exist_ok=True)
-                        out = stack.enter_context(job.log_path.open("w"))
-                    for line in proc.stdout:
-                        tail.append(line.rstrip())
-                        if out:
-                            out.write(line)
-                            out.flush()
-                rc = proc.wait()
-                if rc == 0:
-                    for folder in job.outputs:
-                        fetch(host, folder)
-                    log(f"[{host.name}] {job.label}: done")
-                    continue
-                why = f"exit code {rc}"
-            except (OSError, MlxftError) as e:
-                why = str(e)
+            why = _run_job(host, job, popen, tail)
+            if why is None:
+                log(f"[{host.name}] {job.label}: done")
+                continue
             with lock:
                 failures.append(f"{job.label} on {host.name}: {why}\n    " + "\n    ".join(tail))
             log(f"[{host.name}] {job.label}: FAILED ({why})")

@@ -59,10 +59,16 @@ class Parser:
         first = _safe(self.find, text, tools, self.name)
         if first.calls or self.name == "json":
             return first._replace(via=self.name)
-        fallback = _safe(scan_json, text, tools, "json")
+        fallback = _json_fallback(text)
         if fallback.calls:
             return fallback._replace(via="json")
         return first if first.problem else fallback
+
+
+@lru_cache(maxsize=16)
+def _json_fallback(text: str) -> Extraction:
+    """The JSON scanner's reading of a text, kept for the few parsers that fall back on the same text."""
+    return _safe(scan_json, text, None, "json")
 
 
 def _safe(find: Callable, text: str, tools: Any, name: str) -> Extraction:
@@ -77,19 +83,23 @@ def _safe(find: Callable, text: str, tools: Any, name: str) -> Extraction:
 _TAG = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 
 
+_OBJECT = re.compile(r'\{\s*["}]')  # where a JSON object can start: '{' then a key or '}'
+_DECODER = json.JSONDecoder()
+
+
 def find_json_objects(text: str, budget: list[int] | None = None) -> list[tuple[int, int, Any]]:
     """Every top-level JSON object in ``text`` as (start, end, value); stops when ``budget`` runs out."""
     budget = budget if budget is not None else [_BUDGET]
-    dec = json.JSONDecoder()
     out, i = [], 0
-    while (i := text.find("{", i)) != -1 and budget[0] > 0:
+    while budget[0] > 0 and (m := _OBJECT.search(text, i)):
+        i = m.start()
         try:
-            value, end = dec.raw_decode(text, i)
+            value, end = _DECODER.scan_once(text, i)
         except json.JSONDecodeError as e:
             budget[0] -= max(e.pos - i, 1)
             i += 1
             continue
-        except (RecursionError, ValueError):
+        except (StopIteration, RecursionError, ValueError):
             budget[0] -= 10_000
             i += 1
             continue

@@ -26,6 +26,38 @@ class LoraConfig:
 
 
 @dataclass(frozen=True)
+class EarlyStop:
+    """Stop training when ``patience`` checkpoints in a row bring no new best eval ``metric``."""
+
+    metric: Literal["score", "strict"] = "score"
+    patience: int = 0  # 0: off
+
+    def check(self) -> list[str]:
+        return [f"patience: must be >= 0 (0 turns early stop off), got {self.patience}"] if self.patience < 0 else []
+
+
+@dataclass(frozen=True)
+class FuseStage:
+    """``mlxft run``'s fuse stage: skipped unless ``bits`` is set."""
+
+    bits: int | None = None
+    group_size: int = 32
+    out: str | None = None  # default fused_models/<run name>-<bits>bit
+
+
+@dataclass(frozen=True)
+class PickStage:
+    """``mlxft run``'s pick-best options (as ``mlxft pick-best``'s flags)."""
+
+    metric: Literal["score", "strict"] = "score"
+    guard: str | None = None  # e.g. bfcl:simple_python, evaluated by mlxft run before picking
+    alpha: float = 0.05
+
+    def check(self) -> list[str]:
+        return [] if 0 < self.alpha < 1 else [f"alpha: must be between 0 and 1, got {self.alpha}"]
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a run. Saved resolved in ``run.json``."""
 
@@ -48,7 +80,11 @@ class TrainConfig:
     allow_truncation: bool = False
     grad_checkpoint: bool = False
     divergence_factor: float = 3.0  # stop when the recent loss mean exceeds this × the first
-    eval_suite: str | None = None  # to warn when its system prompt differs from the data's
+    eval_suite: str | None = None  # scored in the loop; also checked against the training data
+    eval_during_training: bool = False  # score every checkpoint on eval_suite as it is written
+    early_stop: EarlyStop = field(default_factory=EarlyStop)
+    pick: PickStage = field(default_factory=PickStage)  # mlxft run only
+    fuse: FuseStage = field(default_factory=FuseStage)  # mlxft run only
 
     def check(self) -> list[str]:
         p = []
@@ -63,6 +99,10 @@ class TrainConfig:
             p.append(f"seed: must be >= 0, got {self.seed}")
         if self.divergence_factor <= 1:
             p.append(f"divergence_factor: must be > 1, got {self.divergence_factor}")
+        if (self.eval_during_training or self.early_stop.patience) and not self.eval_suite:
+            p.append("eval_during_training / early_stop: need eval_suite (the suite to score checkpoints on)")
+        if self.early_stop.patience and not self.eval_during_training:
+            p.append("early_stop: needs eval_during_training: true (it stops on the in-loop eval score)")
         if not self.name or "/" in self.name or self.name.startswith("."):
             p.append(f"name: {self.name!r} must be a plain folder name")
         return p

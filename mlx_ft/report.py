@@ -7,8 +7,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mlx_ft.errors import UserError
 from mlx_ft.files import read_json, read_jsonl, write_text
@@ -56,7 +56,10 @@ def _fused(path: Path, run_dir: Path, suite: str) -> dict | None:
         f = read_json(path / "fused.json")
         src = Path(f["source_checkpoint"])
         label = f"{path.name} (fused {f['bits']}-bit of {src.name})"
-        if src.parent.parent.resolve() == run_dir.resolve():
+        run_of = src.parent.parent
+        # fused from this run (or from this run before its folder was moved or copied)
+        if run_of.resolve() == run_dir.resolve() or (run_of.name == run_dir.name and (run_dir / "checkpoints" /
+                                                                                     src.name).is_dir()):
             source = src.name
     return {"name": path.name, "path": str(path), "label": label, "source": source, "bits": f.get("bits"),
             "source_checkpoint": f.get("source_checkpoint"), "score": rec["summary"]["score"],
@@ -171,8 +174,8 @@ def build_report(run_dir: str | Path, suite: str = "tools", compare: list | None
                f"status {run.get('status')}, {run.get('train_seconds')} s of training. "
                f"mlx {run['versions']['mlx']}, mlx-lm {run['versions']['mlx_lm']}.")
     if html_name:
-        out += ["", f"Charts, the per-prompt grid with every raw reply, and the commands that reproduce this run: "
-                    f"[{html_name}]({html_name})."]
+        out += ["", (f"Charts, the per-prompt grid with every raw reply, and the commands that reproduce this "
+                     f"run: [{html_name}]({html_name}).")]
     if best:
         out += ["", f"**Chosen: {best['chosen']['name']}** — " + "\n".join(_reason_md(best["reason"]))]
     if png:
@@ -210,8 +213,8 @@ def build_report(run_dir: str | Path, suite: str = "tools", compare: list | None
         heads += [f"{guard['suite']} pass"] if guard else []
         out.append(table(heads + ["eval s", ""], rows, markdown=True))
         if batch is not None:
-            out += ["", f"eval s: 'batch' marks targets the batched engine evaluated together in one batch, which "
-                        f"took {batch:.1f} s in all; a per-checkpoint time does not exist there."]
+            out += ["", (f"eval s: 'batch' marks targets the batched engine evaluated together in one batch, "
+                         f"which took {batch:.1f} s in all; a per-checkpoint time does not exist there.")]
         cats = list(evals[names[0]]["summary"]["categories"])
         out += ["", "## Per category (rubric score)", ""]
         out.append(table(["category"] + names,

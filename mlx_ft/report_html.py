@@ -326,15 +326,16 @@ def render(data: dict) -> str:
                  "<h2>Per category (rubric score)</h2>", heatmap(evals)]
         grid, cells = prompt_grid({**evals, **data.get("fused_evals", {})})
         body += ["<h2>Per prompt (click or hover a cell for the raw reply)</h2>", f"<div>{legend_codes(evals)}</div>",
-                 grid, '<div id="detail"><div class="d-head">Click a cell.</div><div class="d-expl"></div>'
-                 '<pre class="d-text"></pre></div>',
+                 grid, ('<div id="detail"><div class="d-head">Click a cell.</div><div class="d-expl"></div>'
+                        '<pre class="d-text"></pre></div>'),
                  f'<script type="application/json" id="grid-data">{json_for_script(cells)}</script>']
     else:
         body.append(f"<p>No eval results on {esc(data['suite'])} yet: run <code>mlxft eval --run "
                     f"{esc(data['run_dir'])}</code>.</p>")
     seeds = data.get("seeds") or []
-    if len(seeds) > 1 and all(s["points"] for s in seeds):
-        body += ["<h2>Runs (seeds)</h2>", seed_chart(seeds)]
+    if len(seeds) > 1:
+        drawn = [s for s in seeds if s["points"]]  # a run not evaluated yet has no line
+        body += ["<h2>Runs (seeds)</h2>", seed_chart(drawn) if len(drawn) > 1 else ""]
         picked = [s["chosen_score"] for s in seeds if s.get("chosen_score") is not None]
         if picked:
             m, half = t_interval(picked)

@@ -8,8 +8,8 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mlx_ft.report_html import checkpoint_series
 

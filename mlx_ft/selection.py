@@ -14,17 +14,17 @@ it; only the ``pick-best`` command writes ``best.json`` (``write_best``).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
 from mlx_ft.errors import EvalError, UserError
+from mlx_ft.files import write_json
 from mlx_ft.results import load_results
 from mlx_ft.runs import BASE
 from mlx_ft.targets import run_targets
-from mlx_ft.files import write_json
 
 METRICS = ("score", "strict")
 ALPHA = 0.05
@@ -279,9 +279,9 @@ def explain(r: dict) -> str:
         if any(x not in (None, "better") for x in v.values()):
             head += ": this choice may be noise; evaluate on more prompts before trusting it"
     lines = [head + ".",
-             f"{c['name']} has the highest {metric} ({_pct(value)}, strict pass {_pct(c['strict_pass'])}, 95% CI "
-             f"{_pct(c['strict_ci95'][0])}-{_pct(c['strict_ci95'][1])}) of {len(r['table'])} candidates on "
-             f"{r['prompts']} prompts (pairwise tests: exact McNemar on strict pass, alpha {alpha:g})."]
+             (f"{c['name']} has the highest {metric} ({_pct(value)}, strict pass {_pct(c['strict_pass'])}, 95% CI "
+              f"{_pct(c['strict_ci95'][0])}-{_pct(c['strict_ci95'][1])}) of {len(r['table'])} candidates on "
+              f"{r['prompts']} prompts (pairwise tests: exact McNemar on strict pass, alpha {alpha:g}).")]
     if vp is not None:
         if vp["name"] == c["name"]:
             lines.append("The lowest validation loss points to the same checkpoint.")

@@ -17,22 +17,34 @@ import json
 import math
 import os
 import platform
-import sys
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import mlx.core as mx
+import mlx.optimizers as optim
+import numpy as np
+from mlx_lm.tuner.datasets import CacheDataset, ChatDataset
+from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback, iterate_batches
+from mlx_lm.tuner.trainer import evaluate as evaluate_loss
+from mlx_lm.tuner.trainer import train as mlx_train
+
 from mlx_ft import config as cfgmod
 from mlx_ft import data as datamod
+from mlx_ft import runs
+from mlx_ft.checkpoints import load_training_state, write_checkpoint
 from mlx_ft.console import library_output
-from mlx_ft.checkpoints import write_checkpoint
-from mlx_ft.errors import TrainingError, UserError
+from mlx_ft.errors import EarlyStopped, TrainingError, UserError
 from mlx_ft.files import append_jsonl, read_json, read_jsonl, sha256, write_json, write_text
 from mlx_ft.models import identity
-from mlx_ft.runs import complete_checkpoints
+from mlx_ft.fingerprint import fingerprint_model
+from mlx_ft.loop_eval import LoopEval
 from mlx_ft.preflight import Prepared, prepare
 from mlx_ft.recipe import LoraConfig, TrainConfig, adapter_config, load_config
+from mlx_ft.runs import complete_checkpoints
+from mlx_ft.suite import load_suite
 
 
 def versions() -> dict:
@@ -51,8 +63,6 @@ def versions() -> dict:
         "device": str(mx.default_device()),
         "fast_blas": _blas.loaded,
     }
-
-
 
 # ---------------------------------------------------------------- training
 
@@ -84,18 +94,18 @@ class Guard:
                 )
 
 
-def _make_callback(run: "Run"):
-    from mlx_lm.tuner.trainer import TrainingCallback
+class _Callback(TrainingCallback):
+    def __init__(self, session: "TrainingSession"):
+        self.session = session
 
-    class Callback(TrainingCallback):
-        def on_train_loss_report(self, info: dict) -> None:
-            run.on_step(info)
-
-    return Callback()
+    def on_train_loss_report(self, info: dict) -> None:
+        self.session.on_step(info)
 
 
 @dataclass
-class Run:
+class TrainingSession:
+    """One ``train`` call's state: what mlx-lm's callback reports goes through :meth:`on_step`."""
+
     prep: Prepared
     log: Callable[[str], None]
     start_step: int = 0
@@ -104,6 +114,7 @@ class Run:
     optimizer: object = None
     val_set: object = None
     guard: Guard | None = None
+    loop_eval: LoopEval | None = None
     tokens_before: int = 0  # from the checkpoint we resumed, if any
     wall_before: float = 0.0
     rank: int = 0  # only rank 0 writes files
@@ -114,14 +125,19 @@ class Run:
         return self.prep.cfg
 
     def val_loss(self) -> float:
-        from mlx_lm.tuner.trainer import evaluate
-
         model = self.prep.model
         model.eval()
-        loss = evaluate(model, self.val_set, batch_size=self.cfg.batch_size, num_batches=-1,
-                        max_seq_length=self.cfg.max_seq_length)
+        loss = evaluate_loss(model, self.val_set, batch_size=self.cfg.batch_size, num_batches=-1,
+                             max_seq_length=self.cfg.max_seq_length)
         model.train()
         return float(loss)
+
+    def fingerprint(self) -> dict:
+        model = self.prep.model
+        model.eval()
+        fp = fingerprint_model(model, self.prep.tokenizer)
+        model.train()
+        return fp
 
     def on_step(self, info: dict) -> None:
         step = info["iteration"] + self.start_step
@@ -136,21 +152,19 @@ class Run:
             "peak_memory_gb": round(float(info["peak_memory"]), 3),
         }
         self.guard.check(step, loss)  # the loss is averaged over ranks: every rank stops together
+        stop = None
         if step % self.cfg.save_every == 0 or step == self.cfg.iters:
             row["val_loss"] = self.val_loss()  # collective under mlx.launch: every rank takes part
             if self.rank == 0:
-                self.checkpoint(step, row)
-                self.log(f"step {step}: train loss {loss:.3f}, val loss {row['val_loss']:.3f} -> checkpoint saved")
+                stop = self.checkpoint(step, row)
         if self.rank == 0:
-            append_jsonl(self.cfg.run_dir / "metrics.jsonl", row)
+            append_jsonl(runs.metrics_path(self.cfg.run_dir), row)
+        if stop:
+            raise EarlyStopped(stop)
 
-    def checkpoint(self, step: int, row: dict) -> None:
-        from mlx_ft.fingerprint import fingerprint_model
-
-        model = self.prep.model
-        model.eval()
-        fp = fingerprint_model(model, self.prep.tokenizer)
-        model.train()
+    def checkpoint(self, step: int, row: dict) -> str | None:
+        """Write the checkpoint, score it if the loop evaluates; why training should stop, if it should."""
+        fp = self.fingerprint()
         manifest = {
             "step": step,
             "train_loss": row["train_loss"],
@@ -164,9 +178,17 @@ class Run:
             "world_size": self.world_size,
             "fingerprint": fp,
         }
-        write_checkpoint(
-            self.cfg.run_dir, step, model, self.optimizer, adapter_config(self.cfg, self.prep.model_path), manifest
-        )
+        write_checkpoint(self.cfg.run_dir, step, self.prep.model, self.optimizer,
+                         adapter_config(self.cfg, self.prep.model_path), manifest)
+        if self.loop_eval is None:
+            self.log(f"step {step}: train loss {row['train_loss']:.3f}, val loss {row['val_loss']:.3f} "
+                     "-> checkpoint saved")
+            return None
+        record = self.loop_eval.score(self.prep.model, self.prep.tokenizer, step=step, fingerprint=fp,
+                                      val_loss=row["val_loss"])
+        row["eval_score"], row["eval_strict"] = record["summary"]["score"], record["summary"]["pass_rate"]
+        self.log(self.loop_eval.line(record, row["train_loss"], row["val_loss"]) + " -> checkpoint saved")
+        return self.loop_eval.stop_reason()
 
 
 def data_hashes(data_dir: str | Path) -> dict[str, str]:
@@ -175,7 +197,6 @@ def data_hashes(data_dir: str | Path) -> dict[str, str]:
 
 def _skip_batches(n: int, seed: int):
     """mlx-lm's batch iterator, seeded, with the first ``n`` batches skipped (exact resume)."""
-    from mlx_lm.tuner.trainer import iterate_batches
 
     def iterate(dataset, batch_size, max_seq_length, loop=False, seed_=None, comm_group=None, **kw):
         it = iterate_batches(dataset, batch_size, max_seq_length, loop=loop, seed=seed, comm_group=comm_group)
@@ -186,143 +207,167 @@ def _skip_batches(n: int, seed: int):
     return iterate
 
 
-def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None, resume: bool = False,
-          force: bool = False, worker: bool = False) -> dict:
-    """Run training; returns the summary also written to ``run.json``.
-
-    ``worker``: this process is one rank under ``mlx.launch`` (mlx_ft.distributed); the launcher
-    already checked and prepared the run folder, and only rank 0 writes to it."""
-    import mlx.core as mx
-    import mlx.optimizers as optim
-    import numpy as np
-    from mlx_lm.tuner.datasets import CacheDataset, ChatDataset
-    from mlx_lm.tuner.trainer import TrainingArgs
-    from mlx_lm.tuner.trainer import train as mlx_train
-
-    from mlx_ft.fingerprint import fingerprint_model
-
+def _check_start(cfg: TrainConfig, resume: bool, force: bool, worker: bool) -> list:
+    """The checkpoints to resume from (none for a fresh run); refuse what can't be started."""
     run_dir = cfg.run_dir
-    group = mx.distributed.init()
-    rank, world = group.rank(), group.size()
-    if rank != 0:
-        log = lambda s: None  # noqa: E731  (rank 0 speaks for the run)
-    start_step, wall_before, tokens_before = 0, 0.0, 0
-    previous = complete_checkpoints(run_dir) if resume else []
-    if resume:
-        if not (run_dir / "run.json").exists():
-            raise UserError(f"{run_dir}: nothing to resume (no run.json); start it without --resume")
-        old = read_json(run_dir / "run.json")
-        if old["config"] != cfgmod.to_dict(cfg):
-            changed = sorted(k for k in old["config"] if old["config"].get(k) != cfgmod.to_dict(cfg).get(k))
-            raise UserError(f"{run_dir}: cannot resume with a different config (changed: {', '.join(changed)})")
-        if old["data_sha256"] != data_hashes(cfg.data):
-            raise UserError(f"{run_dir}: the data in {cfg.data} changed since the run started; refusing to resume")
-    elif not worker and run_dir.exists() and any(run_dir.iterdir()) and not force:
-        raise UserError(f"{run_dir} already exists; use --resume to continue it, --force to start over, or another --name")
-
-    prep = prepare(cfg, log)
-    model = prep.model
-    log(f"model {prep.model_path}; trainable parameters {prep.trainable:,} of {prep.total:,} "
-        f"({100 * prep.trainable / prep.total:.3f}%)")
-    for w in prep.warnings:
-        log(f"WARNING: {w}")
-    mx.random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-
-    lr = cfg.learning_rate
-    opt = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD}[cfg.optimizer](learning_rate=lr)
-    if previous:
-        last = previous[-1]
-        from mlx_ft.checkpoints import load_training_state
-
-        load_training_state(last.path, model, opt)
-        start_step = last.step
-        wall_before, tokens_before = last.manifest["wall_time_s"], last.manifest["tokens_seen"]
-        _truncate_metrics(run_dir / "metrics.jsonl", start_step)
-        log(f"resuming from {last.path} (step {start_step})")
-        if start_step >= cfg.iters:
-            log("run already complete")
-            return read_json(run_dir / "run.json")
-
-    tok = prep.tokenizer
-    train_set = CacheDataset(ChatDataset(prep.splits["train"], tok, mask_prompt=cfg.mask_prompt))
-    val_set = CacheDataset(ChatDataset(prep.splits["valid"], tok, mask_prompt=cfg.mask_prompt))
-    run = Run(prep, log, start_step=start_step, val_set=val_set, optimizer=opt, guard=Guard(cfg.divergence_factor),
-              tokens_before=tokens_before, wall_before=wall_before, rank=rank, world_size=world)
-
-    summary: dict = {}
     if not resume:
-        if run_dir.exists() and force and not worker:
-            import shutil
+        if not worker and run_dir.exists() and any(run_dir.iterdir()) and not force:
+            raise UserError(f"{run_dir} already exists; use --resume to continue it, --force to start over, "
+                            "or another --name")
+        return []
+    if not runs.is_run(run_dir):
+        raise UserError(f"{run_dir}: nothing to resume (no run.json); start it without --resume")
+    old = read_json(runs.run_json(run_dir))
+    if old["config"] != cfgmod.to_dict(cfg):
+        changed = sorted(k for k in old["config"] if old["config"].get(k) != cfgmod.to_dict(cfg).get(k))
+        raise UserError(f"{run_dir}: cannot resume with a different config (changed: {', '.join(changed)})")
+    if old["data_sha256"] != data_hashes(cfg.data):
+        raise UserError(f"{run_dir}: the data in {cfg.data} changed since the run started; refusing to resume")
+    return complete_checkpoints(run_dir)
 
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        base_val = run.val_loss()
-        model.eval()
-        base_fp = fingerprint_model(model, tok) if rank == 0 else None  # LoRA B is zero at init: the base
-        model.train()
-        summary = {
-            "name": cfg.name,
-            "config": cfgmod.to_dict(cfg),
-            "model_path": str(prep.model_path.resolve()),
-            "model": identity(cfg.model, prep.model_path),
-            "data_sha256": data_hashes(cfg.data),
-            "versions": versions(),
-            "examples": {s: len(r) for s, r in prep.splits.items()},
-            "target_tokens": prep.lengths.target_tokens,
-            "trainable_parameters": prep.trainable,
-            "total_parameters": prep.total,
-            "base": {"val_loss": base_val, "fingerprint": base_fp},
-            "warnings": prep.warnings,
-            "world_size": world,
-            "status": "running",
-        }
-        if rank == 0:
-            write_json(run_dir / "run.json", summary)
-            append_jsonl(run_dir / "metrics.jsonl", {"step": 0, "val_loss": base_val})
-        log(f"base model val loss {base_val:.3f} on the full validation set ({len(prep.splits['valid'])} examples)")
-    else:
-        summary = read_json(run_dir / "run.json")
 
-    args = TrainingArgs(
+def _loop_eval(cfg: TrainConfig, prep: Prepared, log: Callable[[str], None]) -> LoopEval | None:
+    if not (cfg.eval_during_training and cfg.eval_suite):
+        return None
+    return LoopEval(load_suite(cfg.eval_suite), cfg.run_dir, prep.model_path, cfg.early_stop, log=log)
+
+
+def _begin(session: TrainingSession, force: bool, worker: bool) -> dict:
+    """A fresh run: the folder, the base model's val loss, fingerprint and in-loop eval, run.json."""
+    cfg, prep, run_dir = session.cfg, session.prep, session.cfg.run_dir
+    if run_dir.exists() and force and not worker:
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    base_val = session.val_loss()
+    base_fp = session.fingerprint() if session.rank == 0 else None  # LoRA B is zero at init: the base
+    summary = {
+        "name": cfg.name,
+        "config": cfgmod.to_dict(cfg),
+        "model_path": str(prep.model_path.resolve()),
+        "model": identity(cfg.model, prep.model_path),
+        "data_sha256": data_hashes(cfg.data),
+        "versions": versions(),
+        "examples": {s: len(r) for s, r in prep.splits.items()},
+        "target_tokens": prep.lengths.target_tokens,
+        "trainable_parameters": prep.trainable,
+        "total_parameters": prep.total,
+        "base": {"val_loss": base_val, "fingerprint": base_fp},
+        "warnings": prep.warnings,
+        "world_size": session.world_size,
+        "status": "running",
+    }
+    if session.rank != 0:
+        return summary
+    write_json(runs.run_json(run_dir), summary)
+    row = {"step": 0, "val_loss": base_val}
+    session.log(f"base model val loss {base_val:.3f} on the full validation set ({len(prep.splits['valid'])} examples)")
+    if session.loop_eval:
+        record = session.loop_eval.score(prep.model, prep.tokenizer, step=0, fingerprint=base_fp, val_loss=base_val)
+        row["eval_score"], row["eval_strict"] = record["summary"]["score"], record["summary"]["pass_rate"]
+        session.log(session.loop_eval.line(record, None, base_val))
+    append_jsonl(runs.metrics_path(run_dir), row)
+    return summary
+
+
+def _restore(session: TrainingSession, last) -> None:
+    """Continue from checkpoint ``last``: weights, optimizer state, counters, metrics."""
+    load_training_state(last.path, session.prep.model, session.optimizer)
+    session.start_step = last.step
+    session.wall_before, session.tokens_before = last.manifest["wall_time_s"], last.manifest["tokens_seen"]
+    _truncate_metrics(runs.metrics_path(session.cfg.run_dir), last.step)
+    session.log(f"resuming from {last.path} (step {last.step})")
+
+
+def _mlx_args(cfg: TrainConfig, start_step: int) -> TrainingArgs:
+    return TrainingArgs(
         batch_size=cfg.batch_size,
         iters=cfg.iters - start_step,
         val_batches=-1,
         steps_per_report=1,
         steps_per_eval=10**9,
         steps_per_save=10**9,  # we save our own checkpoints from the callback
-        adapter_file=str(run_dir / ".mlx_lm_last_adapters.safetensors"),
+        adapter_file=str(cfg.run_dir / ".mlx_lm_last_adapters.safetensors"),
         max_seq_length=cfg.max_seq_length,
         grad_checkpoint=cfg.grad_checkpoint,
         grad_accumulation_steps=cfg.grad_accumulation,
     )
+
+
+def _run_loop(session: TrainingSession, summary: dict, train_set) -> None:
+    """mlx-lm's own training loop; run.json says how it ended, whatever happens."""
+    cfg, run_dir = session.cfg, session.cfg.run_dir
     t0 = time.perf_counter()
     status = "failed"
     try:
         with library_output():  # mlx-lm's progress bar: to stderr, colour only on a terminal
-            mlx_train(model, opt, train_set, None, args=args, training_callback=_make_callback(run),
-                      iterate_batches=_skip_batches(start_step, cfg.seed))
+            mlx_train(session.prep.model, session.optimizer, train_set, None, args=_mlx_args(cfg, session.start_step),
+                      training_callback=_Callback(session), iterate_batches=_skip_batches(session.start_step, cfg.seed))
         status = "complete"
+    except EarlyStopped as e:
+        last = complete_checkpoints(run_dir)[-1]
+        status = "complete"
+        summary["early_stop"] = {"reason": str(e), "step": last.step, "planned_iters": cfg.iters}
+        session.log(f"early stop at step {last.step}: {e}")
     except (KeyboardInterrupt, SystemExit):
         status = "interrupted"
         raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(run_dir / ".mlx_lm_last_adapters.safetensors")
-        summary.update(status=status, train_seconds=round(time.perf_counter() - t0 + wall_before, 2),
+        summary.update(status=status, train_seconds=round(time.perf_counter() - t0 + session.wall_before, 2),
                        checkpoints=[c.name for c in complete_checkpoints(run_dir)])
-        if rank == 0:
-            write_json(run_dir / "run.json", summary)
-    learned = run.guard.losses  # every step's loss of this session, as the guard saw it
-    if len(learned) >= 4:
-        head, tail = _mean(learned[: len(learned) // 4 or 1]), _mean(learned[-(len(learned) // 4 or 1):])
-        summary["loss_start_end"] = [round(head, 4), round(tail, 4)]
-        if not tail < head:
-            log(f"WARNING: training loss did not fall ({head:.3f} -> {tail:.3f}); the model may have learned "
-                "nothing (seed 001): check learning_rate and that the right parameters train")
-        if rank == 0:
-            write_json(run_dir / "run.json", summary)
+        if session.loop_eval:
+            summary["eval_seconds_in_loop"] = round(session.loop_eval.eval_seconds, 2)
+        if session.rank == 0:
+            write_json(runs.run_json(run_dir), summary)
+
+
+def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None, resume: bool = False,
+          force: bool = False, worker: bool = False) -> dict:
+    """Run training; returns the summary also written to ``run.json``.
+
+    ``worker``: this process is one rank under ``mlx.launch`` (mlx_ft.distributed); the launcher
+    already checked and prepared the run folder, and only rank 0 writes to it."""
+    group = mx.distributed.init()
+    rank, world = group.rank(), group.size()
+    if rank != 0:
+        log = lambda s: None  # noqa: E731  (rank 0 speaks for the run)
+    previous = _check_start(cfg, resume, force, worker)
+    prep = prepare(cfg, log)
+    log(f"model {prep.model_path}; trainable parameters {prep.trainable:,} of {prep.total:,} "
+        f"({100 * prep.trainable / prep.total:.3f}%)")
+    for w in prep.warnings:
+        log(f"WARNING: {w}")
+    mx.random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    opt = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD}[cfg.optimizer](learning_rate=cfg.learning_rate)
+    tok = prep.tokenizer
+    session = TrainingSession(prep, log, optimizer=opt, guard=Guard(cfg.divergence_factor), rank=rank,
+                              world_size=world, loop_eval=_loop_eval(cfg, prep, log) if rank == 0 else None,
+                              val_set=CacheDataset(ChatDataset(prep.splits["valid"], tok, mask_prompt=cfg.mask_prompt)))
+    if previous:
+        _restore(session, previous[-1])
+        if session.start_step >= cfg.iters or read_json(runs.run_json(cfg.run_dir)).get("early_stop"):
+            log("run already complete")
+            return read_json(runs.run_json(cfg.run_dir))
+    summary = read_json(runs.run_json(cfg.run_dir)) if resume else _begin(session, force, worker)
+    _run_loop(session, summary, CacheDataset(ChatDataset(prep.splits["train"], tok, mask_prompt=cfg.mask_prompt)))
+    _check_learned(session, summary)
     return summary
+
+
+def _check_learned(session: TrainingSession, summary: dict) -> None:
+    """Warn when the training loss did not fall: the model may have learned nothing."""
+    learned = session.guard.losses  # every step's loss of this session, as the guard saw it
+    if len(learned) < 4:
+        return
+    head, tail = _mean(learned[: len(learned) // 4 or 1]), _mean(learned[-(len(learned) // 4 or 1):])
+    summary["loss_start_end"] = [round(head, 4), round(tail, 4)]
+    if not tail < head:
+        session.log(f"WARNING: training loss did not fall ({head:.3f} -> {tail:.3f}); the model may have learned "
+                    "nothing: check that learning_rate is not too low and that the right parameters train")
+    if session.rank == 0:
+        write_json(runs.run_json(session.cfg.run_dir), summary)
 
 
 def _mean(xs: list[float]) -> float:
@@ -343,7 +388,6 @@ def smoke(cfg: TrainConfig, steps: int, log: Callable[[str], None]) -> dict:
 
     The loss is compared on a *fixed* set of training examples (scored before and after), not on
     the per-step batch losses, whose batch-to-batch noise could fake a fall or hide one."""
-    import shutil
     import tempfile
 
     with tempfile.TemporaryDirectory(prefix="mlxft-smoke-") as tmp:
@@ -354,7 +398,8 @@ def smoke(cfg: TrainConfig, steps: int, log: Callable[[str], None]) -> dict:
         shutil.copy(datamod.split_path(cfg.data, "train"), data / "train.jsonl")
         (data / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fixed), encoding="utf-8")
         scfg = dataclasses.replace(cfg, runs_dir=str(Path(tmp) / "runs"), data=str(data), iters=steps,
-                                   save_every=steps, eval_suite=None)
+                                   save_every=steps, eval_suite=None,
+                                   eval_during_training=False)
         train(scfg, log=log)
         rows = read_jsonl(scfg.run_dir / "metrics.jsonl")
     before = rows[0]["val_loss"]
@@ -364,7 +409,8 @@ def smoke(cfg: TrainConfig, steps: int, log: Callable[[str], None]) -> dict:
     if not result["passed"]:
         raise TrainingError(
             f"smoke test failed: training loss on {len(fixed)} fixed training examples did not fall over {steps} "
-            f"steps by at least {SMOKE_MIN_FALL:.0%} ({before:.4f} -> {after:.4f}); raise learning_rate or check the data and trainable layers (seed 001)"
+            f"steps by at least {SMOKE_MIN_FALL:.0%} ({before:.4f} -> {after:.4f}); raise learning_rate or check the "
+            "data and which layers train"
         )
     return result
 

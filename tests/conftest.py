@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -136,7 +137,7 @@ TINY_ARCHS = {
 def tiny_model(out: Path, arch: str, tokenizer_src: Path, bits: int | None = None, seed: int = 0) -> Path:
     """Write a tiny random-weight ``arch`` model to ``out`` (``bits``: quantized with mlx-lm, group 64)."""
     import mlx.core as mx
-    from mlx_lm.utils import _get_classes, load_tokenizer, quantize_model, save
+    from mlx_lm.utils import _get_classes, quantize_model, save
 
     config = {**_TINY_COMMON, **TINY_ARCHS[arch]}
     model_class, args_class = _get_classes(config)
@@ -145,6 +146,12 @@ def tiny_model(out: Path, arch: str, tokenizer_src: Path, bits: int | None = Non
     mx.eval(model.parameters())
     if bits:
         model, config = quantize_model(model, config, 64, bits)
-    tok = load_tokenizer(tokenizer_src, eos_token_ids=None)
-    save(out, tokenizer_src, model, tok, config)
+    save(out, tokenizer_src, model, _tokenizer(tokenizer_src), config)
     return out
+
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer(src: Path):
+    from mlx_lm.utils import load_tokenizer
+
+    return load_tokenizer(src)

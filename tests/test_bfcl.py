@@ -117,3 +117,66 @@ def test_real_bfcl_eval_on_the_embedded_model(tmp_path, embedded_model):
     rec = json.loads((out / "bfcl_simple_python+irrelevance.json").read_text())
     assert [x["category"] for x in rec["results"]].count("irrelevance") == 2
     assert all(x["code"] in CODES for x in rec["results"])
+
+
+# The checker's former misses, each against BFCL's own verdict (tests/test_bfcl_exact.py measures all of them)
+def test_dict_valued_parameter_passes_and_is_checked_key_by_key():
+    p = prompt("bfcl:simple_python", "simple_python_89")  # conditions: {department, school}
+    good = {"database_name": "StudentDB", "table_name": "students",
+            "conditions": {"department": "Science", "school": "Bluebird HS"}}
+    assert score(p, tc("db_fetch_records", **good)).code == "ok"
+    wrong = {**good, "conditions": {"department": "Arts", "school": "Bluebird HS"}}
+    assert score(p, tc("db_fetch_records", **wrong)).code == "wrong_arg_value"
+    missing = {**good, "conditions": {"department": "Science"}}
+    assert score(p, tc("db_fetch_records", **missing)).code == "wrong_arg_value"
+
+
+def test_null_for_an_optional_parameter_passes_where_the_answers_allow_it():
+    p = prompt("bfcl:live_simple", "live_simple_58-27-0")  # movie_date: ["", None]
+    assert score(p, tc("get_movies", city="Mumbai", movie_date=None)).code == "ok"
+    assert score(p, tc("get_movies", city="Mumbai", movie_format=None)).code == "wrong_type"
+
+
+def test_a_schema_parameter_absent_from_the_possible_answers_is_rejected():
+    from mlx_ft.bfcl import BfclPrompt
+
+    fn = {"name": "f", "parameters": {"type": "dict", "properties": {"a": {"type": "integer"},
+                                                                     "b": {"type": "string"}}, "required": ["a"]}}
+    p = BfclPrompt("x", "simple_python", "u", (), (fn,), ({"f": {"a": [1]}},))
+    assert score(p, tc("f", a=1)).code == "ok"
+    assert score(p, tc("f", a=1, b="y")).code == "unknown_arg"
+
+
+def test_bind_renders_bfcl_functions_through_a_template_that_takes_tools():
+    class Renders:
+        def apply_chat_template(self, messages, tools=None, tokenize=False, add_generation_prompt=False):
+            return json.dumps(tools) + json.dumps(messages)
+
+    class Ignores(Renders):
+        def apply_chat_template(self, messages, tools=None, tokenize=False, add_generation_prompt=False):
+            return json.dumps(messages)
+
+    suite = load_bfcl("bfcl:simple_python", limit=2)
+    p = suite.prompts[0]
+    assert (suite.tool_render, suite.tool_format, suite.tools(p)) == ("system_prompt", "json", None)
+    assert suite.messages(p)[0]["role"] == "system"
+    native = suite.bind(Renders())
+    assert (native.tool_render, native.tool_format) == ("template", "auto")
+    tools = native.tools(p)
+    assert tools[0]["type"] == "function" and tools[0]["function"]["name"] == p.functions[0]["name"]
+    assert tools[0]["function"]["parameters"]["type"] == "object"  # BFCL's "dict", as JSON Schema names it
+    assert native.messages(p) == [dict(m) for m in p.messages]
+    assert native.fingerprint() != suite.fingerprint()
+    assert suite.bind(Ignores()).tool_render == "system_prompt"
+
+
+def test_answers_are_read_by_the_models_parser():
+    from mlx_ft.parsers import get_parser
+
+    p = prompt("bfcl:simple_python", "simple_python_0")
+    xml = ("<tool_call>\n<function=calculate_triangle_area>\n<parameter=base>\n10\n</parameter>\n"
+           "<parameter=height>\n5\n</parameter>\n</function>\n</tool_call>")
+    s = score(p, xml, "stop", parser=get_parser("qwen3_coder"))
+    assert s.code == "ok", s.explanation  # values typed from the schema: 10 and 5 are integers
+    assert s.extra["parser"] == "qwen3_coder"
+    assert score(p, xml, "stop").code == "bad_json"

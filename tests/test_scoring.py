@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from mlx_ft.parsers import get_parser
 from mlx_ft.scoring import CODES, extract_calls, parse_code_calls, score
 from mlx_ft.suite import load_suite
 
@@ -50,6 +51,16 @@ CASES = [
 ]
 
 
+# the same cases read by a model's own parser (tests/test_parsers.py has the table for every format)
+XML_CASES = [
+    ("text-01", "<tool_call>\n<function=read_file>\n<parameter=path>\ndocs/architecture.md\n</parameter>\n</function>"
+     "\n</tool_call>", "stop", "unwrapped", 0.5, False),
+    # Qwen3-Coder's known failure: the function block without its <tool_call> around it
+    ("text-01", "<function=read_file>\n<parameter=path>\ndocs/architecture.md\n</parameter>\n</function>", "stop",
+     "bad_format", 0.0, False),
+]
+
+
 @pytest.mark.parametrize("pid,text,finish,code,value,passed", CASES)
 def test_score_table(pid, text, finish, code, value, passed):
     s = score(suite, P[pid], text, finish, error=None if text is not None else "HTTP 500")
@@ -58,8 +69,16 @@ def test_score_table(pid, text, finish, code, value, passed):
     assert s.explanation
 
 
+@pytest.mark.parametrize("pid,text,finish,code,value,passed", XML_CASES)
+def test_score_table_with_the_qwen3_coder_parser(pid, text, finish, code, value, passed):
+    s = score(suite, P[pid], text, finish, parser=get_parser("qwen3_coder"))
+    assert (s.code, s.value, s.passed) == (code, value, passed), s.explanation
+    assert s.code in CODES
+    assert s.explanation
+
+
 def test_every_failure_code_is_covered_by_the_table():
-    assert {c[3] for c in CASES} == set(CODES)
+    assert {c[3] for c in CASES + XML_CASES} == set(CODES)
 
 
 def test_extracted_call_is_reported():

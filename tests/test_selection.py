@@ -135,6 +135,11 @@ def test_confirm_split_reports_the_other_half(tmp_path):
     cs = r["confirm_split"]
     assert sorted(cs["selection_ids"] + cs["confirm_ids"]) == IDS
     assert abs(len(cs["selection_ids"]) - len(cs["confirm_ids"])) <= 1
+    passing = set(IDS[:14])  # seq(14): the first 14 prompts pass
+    assert np.isclose(cs["winner_confirm"], len(passing & set(cs["confirm_ids"])) / len(cs["confirm_ids"]),
+                      rtol=1e-3)
+    assert np.isclose(cs["winner_selection"], len(passing & set(cs["selection_ids"])) / len(cs["selection_ids"]),
+                      rtol=1e-3)
     assert "other half" in r["reason"]
 
 
@@ -161,7 +166,7 @@ def test_seed_table_and_cochran(tmp_path):
     assert np.isclose(t["mean"], x.mean(), rtol=1e-3)
     assert np.isclose(t["ci95_half_width"], stats.t.ppf(0.975, 2) * x.std(ddof=1) / np.sqrt(3), rtol=1e-3)
     assert t["cochran_q"]["step"] == 10
-    r = CliRunner().invoke(main, ["pick-best", *sum((["--runs", str(x)] for x in runs), [])])
+    r = CliRunner().invoke(main, ["pick-best", *[a for x in runs for a in ("--runs", str(x))]])
     assert r.exit_code == 0, r.output
     assert "Cochran's Q" in r.output and "mean best score across seeds" in r.output
 
@@ -199,7 +204,7 @@ def test_runs_use_the_same_options_and_write_nothing(tmp_path):
         write_json(r / "best.json", {"chosen": {"name": "kept"}})
     t = seed_table(runs, guard="guard")
     assert [x["chosen"] for x in t["runs"]] == ["step_000020", "step_000020"]
-    args = sum((["--runs", str(x)] for x in runs), []) + ["--guard", "guard", "--bootstrap", "0", "--json"]
+    args = [a for x in runs for a in ("--runs", str(x))] + ["--guard", "guard", "--bootstrap", "0", "--json"]
     res = CliRunner().invoke(main, ["pick-best", *args])
     assert res.exit_code == 0, res.output
     out = json.loads(res.output)
