@@ -163,15 +163,15 @@ def _type_check(param: str, value: Any, accepted: list, tname: str, tp: type, in
     atype = _answer_type(accepted)
     is_var = atype is not None and atype != tp
     bad = ("wrong_type", f"{param}={value!r} is not of type {tname}")
-    if type(value) == tp:  # noqa: E721 - exact types, as BFCL compares them
+    if type(value) == tp:
         if inner is None:
             return None, is_var
         for option in accepted:
-            if type(option) != list or all(  # noqa: E721
+            if type(option) != list or all(
                     _type_check(param, v, option, str(inner), inner, None)[0] is None for v in value):
                 return None, is_var
         return bad, is_var
-    if atype is not None and type(value) == atype:  # noqa: E721
+    if atype is not None and type(value) == atype:
         return None, True
     return bad, is_var
 
@@ -182,8 +182,8 @@ def _dict_ok(value: dict, options: list) -> bool:
             continue
         if not isinstance(option, dict):
             continue
-        ok = all(k in option and (_std(v) if type(v) == str else v) in  # noqa: E721
-                 [_std(a) if type(a) == str else a for a in option[k]] for k, v in value.items())  # noqa: E721
+        ok = all(k in option and (_std(v) if type(v) == str else v) in
+                 [_std(a) if type(a) == str else a for a in option[k]] for k, v in value.items())
         if ok and all(k in value or "" in acc for k, acc in option.items()):
             return True
     return False
@@ -201,9 +201,9 @@ def _value_problem(param: str, value: Any, accepted: list, tp: type, inner: type
     if tp is list and inner is dict:
         return None if _list_dict_ok(value, accepted) else bad
     if tp is str:
-        return None if _std(value) in [_std(a) for a in accepted if type(a) == str] else bad  # noqa: E721
+        return None if _std(value) in [_std(a) for a in accepted if type(a) == str] else bad
     if tp is list:
-        got = [_std(v) if type(v) == str else v for v in value]  # noqa: E721
+        got = [_std(v) if type(v) == str else v for v in value]
         opts = [[_std(a) if type(a) == str else a for a in o] for o in accepted if isinstance(o, list) or o == ""]
         return None if got in opts else bad
     return None if value in accepted else bad
@@ -225,7 +225,7 @@ def check_call(call: Call, expected: dict, functions: tuple) -> tuple[str, str] 
         tname = props[p].get("type", "any")
         tp = PY_TYPES.get(tname, str)
         inner = PY_TYPES.get(props[p].get("items", {}).get("type", "any"), str) if tname in ("array", "tuple") else None
-        if tname == "float" and type(value) == int:  # noqa: E721
+        if tname == "float" and type(value) == int:
             value = float(value)
         bad, is_var = _type_check(p, value, answers[p], tname, tp, inner)
         if bad:

@@ -6,6 +6,7 @@ import platform
 import time
 
 from mlx_ft import _blas
+from mlx_ft.errors import MlxftError
 
 SLOW_GFLOPS = 20.0  # the bundled reference BLAS measures ~5; OpenBLAS on 2 cores ~75
 
@@ -37,11 +38,29 @@ def paths_report(model: str | None, data: str | None) -> dict:
             gguf_ok = False
         out["model"] = {"path": str(cached), "present": models.is_model_dir(cached) or gguf_ok}
     else:
-        out["model"] = {"path": str(Path(model).resolve()), "present": models.is_model_dir(Path(model))}
+        try:
+            found = models.resolve_model(model)  # a folder, or a repo id in the local HF cache
+        except MlxftError as e:
+            out["model"] = {"path": str(Path(model).resolve()) if not models.REPO_ID.match(model) else model,
+                            "present": False, "why": str(e)}
+        else:
+            out["model"] = {"path": str(found.resolve()), "present": True, **memory_report(found)}
     if data:
         d = Path(data)
         out["data"] = {"path": str(d.resolve()), "present": (d / "train.jsonl").is_file()}
     return out
+
+
+def memory_report(model_path, available: int | None = None) -> dict:
+    """The model's size on disk and each stage's peak-memory estimate at mlxft's defaults, with
+    whether it fits in the memory available now (mlx_ft/memory.py)."""
+    from mlx_ft import memory
+
+    m = memory.model_size(model_path)
+    free = memory.available_bytes() if available is None else available
+    stages = {s: memory.estimate(s, m)["total"] for s in memory.STAGES}
+    return {"size_bytes": m.disk_bytes, "parameters": m.params, "available_bytes": free,
+            "estimates": {s: {"peak_bytes": v, "fits": v <= free} for s, v in stages.items()}}
 
 
 def diagnose() -> dict:
@@ -82,6 +101,15 @@ def format_report(r: dict) -> str:
     lines += [f"blas         {r['blas']}", f"matmul       {r['matmul_gflops_512']} GFLOP/s (512x512 float32)"]
     for what, info in r.get("paths", {}).items():
         lines.append(f"{what:<12} {info['path']} ({'present' if info['present'] else 'MISSING'})")
+        if info.get("why"):
+            lines.append(f"{'':<12} {info['why']}")
+        if "size_bytes" in info:
+            lines.append(f"{'':<12} {info['size_bytes'] / 1e9:.2f} GB on disk, {info['parameters'] / 1e9:.2f} B "
+                         f"parameters; {info['available_bytes'] / 1e9:.1f} GB memory available")
+            for stage, e in info["estimates"].items():
+                verdict = "fits" if e["fits"] else "DOES NOT FIT"
+                lines.append(f"{'memory':<12} {stage}: ~{e['peak_bytes'] / 1e9:.2f} GB peak at mlxft's defaults, {verdict}"
+                             + (" (train: batch 4 x 2048 tokens; eval: 64 rows x 2048 tokens)" if stage == "train" else ""))
     lines.append(f"fix          {r['fix']}" if r["fix"] else "status       ok")
     return "\n".join(lines)
 

@@ -17,6 +17,7 @@ from typing import Callable
 
 from mlx_ft.errors import ModelError, UserError
 from mlx_ft.files import read_json, staged_dir, write_json
+from mlx_ft.memory import check_memory
 from mlx_ft.models import identity
 
 BITS = (2, 3, 4, 5, 6, 8, 16)
@@ -120,6 +121,9 @@ def fuse(adapter: Path, base: Path, out: Path, bits: int = 5, group_size: int = 
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it, or choose another --out")
     t0 = time.perf_counter()
+    acfg = read_json(adapter / "adapter_config.json")
+    check_memory("fuse", base, bits=bits if bits != 16 else 0, log=log, lora_layers=acfg.get("num_layers"),
+                 lora_rank=(acfg.get("lora_parameters") or {}).get("rank", 8))
     log(f"loading {base}")
     model, tok, config = load(str(base), return_config=True)
     base_bits = (config.get("quantization") or {}).get("bits")

@@ -17,9 +17,10 @@ import importlib
 import json
 import pkgutil
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
-from typing import Any, Callable, NamedTuple
+from functools import cache, lru_cache
+from typing import Any, NamedTuple
 
 from mlx_ft.errors import UserError
 
@@ -80,7 +81,7 @@ def _safe(find: Callable, text: str, tools: Any, name: str) -> Extraction:
 
 # ------------------------------------------------------------------ mlxft's JSON scanner
 
-_TAG = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+_TAG = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 
 _OBJECT = re.compile(r'\{\s*["}]')  # where a JSON object can start: '{' then a key or '}'
@@ -219,7 +220,7 @@ def scan_pythonic(text: str, tools: Any = None) -> Extraction:
 # ------------------------------------------------------------------ mlx-lm's parsers, between their markers
 
 
-@lru_cache(maxsize=None)
+@cache
 def _mlx_module(name: str):
     return importlib.import_module(f"mlx_lm.tool_parsers.{name}")
 

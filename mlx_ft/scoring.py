@@ -19,8 +19,19 @@ from typing import Any
 
 from mlx_ft.parsers import Call, Extraction, Parser, find_json_objects, get_parser, scan_json
 
-__all__ = ["CODES", "Call", "Score", "Rubric", "Expect", "score", "judge", "extract_calls", "find_json_objects",
-           "parse_code_calls", "check_args"]
+__all__ = [
+    "CODES",
+    "Call",
+    "Expect",
+    "Rubric",
+    "Score",
+    "check_args",
+    "extract_calls",
+    "find_json_objects",
+    "judge",
+    "parse_code_calls",
+    "score",
+]
 
 CODES = (
     "ok",
@@ -114,7 +125,7 @@ def no_call(other: float, text: str, found: Extraction, finish_reason: str | Non
 
 
 def think_first(text: str, found: Extraction, think: str) -> bool:
-    m = re.search(re.escape(think), text, re.I) if think else None
+    m = re.search(re.escape(think), text, re.IGNORECASE) if think else None
     return bool(m) and (not found.spans or m.start() < found.spans[0][0])
 
 

@@ -2,10 +2,12 @@
 
 A suite names the system prompt (the one the model was trained with: an eval-only suffix on it
 costs points the model never had a chance to earn), the tools, generation settings, the rubric and
-the prompts. Tools come in two forms: ``{name, params}`` (described by the system prompt as written)
-or OpenAI function schemas ``{name, description, parameters}`` (optionally wrapped as
-``{type: function, function: {...}}``), rendered by the chat template's ``tools`` exactly as mlx-lm
-renders ``{"messages", "tools"}`` training data. ``<think>`` is always among the stop sequences.
+the prompts. Tools come in two forms: ``{name, params}`` (not shown to the model: the system prompt
+describes them, or they are functions called inside the rubric's wrapper) and OpenAI function
+schemas ``{name, description, parameters}`` (optionally wrapped as ``{type: function, function:
+{...}}``), rendered by the chat template's ``tools`` exactly as mlx-lm renders ``{"messages",
+"tools"}`` training data. The wrapper (``execute_code``) may be given as such a schema, next to the
+``{name, params}`` functions called inside it. ``<think>`` is always among the stop sequences.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from mlx_ft.errors import ConfigError
 from mlx_ft.scoring import Expect, Rubric, Score, judge
 from mlx_ft.task import Task, check_format, digest, openai_tools, tools_in_system
 
-__all__ = ["FORMAT", "ALWAYS_STOP", "Tool", "Generation", "Rubric", "Expect", "Prompt", "Suite", "load_suite"]
+__all__ = ["ALWAYS_STOP", "FORMAT", "Expect", "Generation", "Prompt", "Rubric", "Suite", "Tool", "load_suite"]
 
 FORMAT = "mlxft-suite/1"
 ALWAYS_STOP = ("<think>",)
@@ -109,7 +111,8 @@ class Suite(Task):
         return next((t.arg_names for t in self.toolset if t.name == tool), ())
 
     def schemas(self) -> list[dict]:
-        return openai_tools([t.schema() for t in self.toolset])
+        """The tools the model is shown: the JSON-schema entries."""
+        return openai_tools([t.schema() for t in self.toolset if t.parameters is not None])
 
     def fingerprint(self) -> str:
         """Hash of everything that changes a score, so results from an edited suite are not mixed."""
@@ -169,6 +172,7 @@ def load_suite(path: str | Path) -> Suite:
     path = Path(path)
     raw = cfgmod.read_yaml(path)
     problems: list[str] = []
+    head = cfgmod.collect(_File, {**raw, "tools": (), "prompts": ()}, "", problems)  # first: it checks itself
     tools = [_tool(i, t, problems) for i, t in enumerate(raw.get("tools") or [])]
     prompts = []
     for i, p in enumerate(raw.get("prompts") or []):
@@ -180,7 +184,6 @@ def load_suite(path: str | Path) -> Suite:
             problems.append(f"{label}.expect: required mapping with at least 'tool'")
             continue
         prompts.append(cfgmod.collect(Prompt, {**p, "expect": p["expect"]}, f"{label}.", problems))
-    head = cfgmod.collect(_File, {**raw, "tools": (), "prompts": ()}, "", problems)
     if "format" in raw and raw["format"] != FORMAT:
         problems.append(f"format: {raw['format']!r} is not supported; this mlxft reads {FORMAT!r}")
     if not raw.get("tools"):
@@ -188,9 +191,7 @@ def load_suite(path: str | Path) -> Suite:
     if not raw.get("prompts"):
         problems.append("prompts: required, a non-empty list")
     tools = [t for t in tools if t]
-    forms = {t.parameters is not None for t in tools}
-    if len(forms) > 1:
-        problems.append("tools: mixes {name, params} entries with JSON-schema entries; use one form for all")
+    native = any(t.parameters is not None for t in tools)
     names = [t.name for t in tools]
     seen: set[str] = set()
     for p in prompts:
@@ -207,11 +208,17 @@ def load_suite(path: str | Path) -> Suite:
             if params and arg not in params:
                 problems.append(f"prompts ({p.id}).expect.args: {arg!r} is not a parameter of {p.expect.tool}")
     rubric = head.rubric if head else None
-    if rubric and rubric.wrapper and rubric.wrapper in names:
-        problems.append(f"rubric.wrapper: {rubric.wrapper!r} must not also be listed as a tool")
+    listed = next((t for t in tools if rubric and t.name == rubric.wrapper), None)
+    if listed is not None and listed.parameters is None:
+        problems.append(f"rubric.wrapper: {rubric.wrapper!r} may be listed in tools only as a JSON schema "
+                        "(name, description, parameters) to show it to the model through the chat template")
+    for p in prompts:
+        if p is not None and rubric and rubric.wrapper in p.expect.tools:
+            problems.append(f"prompts ({p.id}).expect: {rubric.wrapper!r} is the rubric's wrapper; expect the tool "
+                            "called inside it")
     if problems:
         raise ConfigError(path, problems)
-    render = "template" if forms == {True} else "none"
+    render = "template" if native else "none"
     return Suite(name=head.name, format=head.format, system_prompt=head.system_prompt, toolset=tuple(tools),
                  prompts=tuple(prompts), generation=head.generation, rubric=head.rubric, path=str(path),
                  tool_format=head.tool_format, tool_render=render)

@@ -81,7 +81,7 @@ class Task:
     def fingerprint(self) -> str:
         raise NotImplementedError
 
-    def bind(self, tokenizer: Any) -> "Task":
+    def bind(self, tokenizer: Any) -> Task:
         """This task as it must be rendered for ``tokenizer``: tools through the chat template when
         the template renders them, else in the system prompt. Call it before ``fingerprint``."""
         if self.tool_render == "none":

@@ -1,11 +1,20 @@
 #!/usr/bin/env python
 """Write the demo tool-call SFT set (mlx-lm chat JSONL) deterministically.
 
-The system prompt and tool list come from the eval suite (evals/tools.yaml), so training and eval
-cannot drift apart (seed 004). Paths and symbols are drawn from pools disjoint from the suite's,
-and the script refuses to write a user request that also appears in the suite.
+The system prompt and tool list come from the eval suite, so training and eval cannot drift apart
+(an eval-only system prompt costs points the model never trained for). Paths and symbols are drawn
+from pools disjoint from the suite's, and the script refuses to write a user request that also
+appears in the suite.
 
     python scripts/make_demo_data.py [--suite evals/tools.yaml] [--out data/tools]
+
+``--format xml`` writes the same requests in mlx-lm's ``tools`` format instead (a ``tools`` list
+beside ``messages``, the answer as an assistant ``tool_calls`` turn), for a model whose chat template
+renders them as Qwen3-Coder XML; ``--model-out`` also writes that model: the embedded SmolLM2 with
+data/xml/chat_template.jinja as its chat template (weights linked, not copied).
+
+    python scripts/make_demo_data.py --format xml --suite evals/tools-xml.yaml --out data/xml \
+        --model-out build/smollm2-135m-xml
 """
 
 from __future__ import annotations
@@ -85,9 +94,34 @@ def render(template: str, args: dict) -> str:
     return template.format(**fill)
 
 
+def code_of(tool: str, args: dict) -> str:
+    return f"{tool}({', '.join(f'{k}={v!r}' for k, v in args.items())})"
+
+
 def answer(tool: str, args: dict) -> str:
-    code = f"{tool}({', '.join(f'{k}={v!r}' for k, v in args.items())})"
-    return "<tool_call>" + json.dumps({"name": "execute_code", "arguments": {"code": code}}) + "</tool_call>"
+    return "<tool_call>" + json.dumps({"name": "execute_code", "arguments": {"code": code_of(tool, args)}}) + "</tool_call>"
+
+
+def as_tool_calls(row: dict, tools: list[dict]) -> dict:
+    """The row in mlx-lm's tools format: the call as an assistant ``tool_calls`` turn, the schemas beside."""
+    call = json.loads(row["messages"][-1]["content"].removeprefix("<tool_call>").removesuffix("</tool_call>"))
+    turn = {"role": "assistant", "tool_calls": [{"type": "function", "function": call}]}
+    return {"messages": [*row["messages"][:-1], turn], "tools": tools}
+
+
+def write_model(out: Path, template: Path) -> None:
+    """The embedded SmolLM2 with another chat template: its files linked, tokenizer_config rewritten."""
+    from mlx_ft.models import resolve_model
+
+    src = resolve_model(None)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name != "tokenizer_config.json" and not (out / f.name).exists():
+            (out / f.name).symlink_to(f.resolve())
+    cfg = json.loads((src / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = template.read_text()
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
+    print(f"wrote {out}: {src.name} with the chat template {template}")
 
 
 PREFIXES = ["", "", "Please: ", "Can you help? ", "Quick one. ", "Next step: ", "Hey, "]
@@ -118,6 +152,9 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=216)
     ap.add_argument("--valid", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--format", choices=["json", "xml"], default="json",
+                    help="json: the call as <tool_call>{json}</tool_call> text; xml: mlx-lm's tools format")
+    ap.add_argument("--model-out", help="with --format xml: also write the XML-template model folder here")
     a = ap.parse_args()
     suite = load_suite(a.suite)
     assert {t for t, _, _ in TASKS} <= suite.tool_names, "every demo tool must be in the suite"
@@ -125,11 +162,17 @@ def main() -> None:
     banned = {p.user for p in suite.prompts}
     rows = examples(suite.system_prompt, a.train + a.valid, rng, banned)
     rng.shuffle(rows)
+    if a.format == "xml":
+        tools = suite.tools(suite.prompts[0])
+        assert tools, f"{a.suite} shows no tools to the model; --format xml needs JSON-schema tools"
+        rows = [as_tool_calls(r, tools) for r in rows]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, part in (("train", rows[: a.train]), ("valid", rows[a.train:])):
         (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part), encoding="utf-8")
         print(f"wrote {out / f'{name}.jsonl'}: {len(part)} examples")
+    if a.model_out:
+        write_model(Path(a.model_out), Path(__file__).resolve().parent.parent / "data" / "xml" / "chat_template.jinja")
 
 
 if __name__ == "__main__":

@@ -36,11 +36,33 @@ def test_a_failed_rank_fails_the_run_even_though_mlx_launch_exits_0(tmp_path):
     script = "echo 'rank 1: ValueError: boom'; echo '[WARN] Node with rank 1 exited with code 3'; exit 0"
 
     def fake_popen(cmd, **kw):
+        assert "mlx.launch" in cmd[0] and kw["stdin"] == subprocess.PIPE  # an idle open stdin: no busy loop
+        return subprocess.Popen(["sh", "-c", script], **kw)
+
+    hf = tmp_path / "hosts.json"
+    hf.write_text(json.dumps([{"ssh": "mac1", "ips": ["10.0.0.1"]}, {"ssh": "mac2", "ips": ["10.0.0.2"]}]))
+    with pytest.raises(TrainingError, match="(?s)rank 1 exited with code 3.*ValueError: boom"):
+        train_distributed(cfg_for(tmp_path, tmp_path, "x"), hostfile=hf, popen=fake_popen)
+    assert RANK_FAILED.search("[WARN] Node with rank 0 exited with code 1")
+
+
+def test_local_ranks_get_the_ring_environment_and_a_failed_rank_stops_the_others(tmp_path):
+    """--ranks N starts the ranks itself (mlx.launch's I/O loop would spin a core): each gets MLX_RANK
+    and the loopback ring hostfile; when rank 1 dies, rank 0 (waiting on its gradients) is stopped."""
+    started = []
+
+    def fake_popen(cmd, **kw):
+        rank = int(kw["env"]["MLX_RANK"])
+        started.append((rank, json.loads(open(kw["env"]["MLX_HOSTFILE"]).read())))
+        script = "sleep 30" if rank == 0 else "echo 'ValueError: boom'; exit 3"
         return subprocess.Popen(["sh", "-c", script], **kw)
 
     with pytest.raises(TrainingError, match="(?s)rank 1 exited with code 3.*ValueError: boom"):
         train_distributed(cfg_for(tmp_path, tmp_path, "x"), ranks=2, popen=fake_popen)
-    assert RANK_FAILED.search("[WARN] Node with rank 0 exited with code 1")
+    assert [r for r, _ in started] == [0, 1]
+    ring = started[0][1]
+    assert len(ring) == 2 and all(len(n) == 1 and n[0].startswith("127.0.0.1:") for n in ring)
+    assert ring[0] != ring[1]
 
 
 @pytest.mark.slow

@@ -93,3 +93,21 @@ def test_train_by_repo_id_records_the_revision(cached, no_network, tmp_path):
     ckpt = tmp_path / "hub" / "checkpoints" / "step_000002"
     assert json.loads((ckpt / "manifest.json").read_text())["model"] == want
     load(want["path"], adapter_path=str(ckpt))  # the checkpoint loads against the snapshot as is
+
+
+def test_eval_fuse_and_doctor_take_a_repo_id(cached, no_network, tmp_path):
+    from mlx_ft.doctor import paths_report
+    from mlx_ft.fuse import resolve_source
+    from mlx_ft.targets import single_target
+
+    snap = cached / "snapshots" / COMMIT
+    assert single_target("test-org/tiny", None, tmp_path / "out").model == snap
+    adapter = tmp_path / "ckpt"
+    adapter.mkdir()
+    (adapter / "adapters.safetensors").write_bytes(b"")
+    (adapter / "adapter_config.json").write_text(json.dumps({"model": "/elsewhere"}))
+    assert resolve_source(None, adapter, "test-org/tiny@v2") == (adapter, cached / "snapshots" / OTHER)
+    found = paths_report("test-org/tiny", None)["model"]
+    assert found["present"] and found["path"] == str(snap.resolve()) and found["size_bytes"] > 0
+    missing = paths_report("test-org/absent", None)["model"]
+    assert not missing["present"] and "huggingface-cli download test-org/absent" in missing["why"]

@@ -56,7 +56,7 @@ FORMATS = [("json", hermes), ("json", bare_json), ("qwen3_coder", qwen3), ("json
 
 
 def cases(fmt):
-    wrap = lambda code: fmt("execute_code", {"code": code})  # noqa: E731
+    wrap = lambda code: fmt("execute_code", {"code": code})
     full = wrap(READ)
     return [
         # case, prompt, text, finish_reason, code, value

@@ -29,13 +29,13 @@ CASES = [
     ("text-01", '{"name": "read_file", "arguments": {"path": "docs/architecture.md"}}', "stop", "unwrapped", 0.5, False),
     # seed 004's prose answers
     ("dom-01", "Let me first check what's in that file...", "stop", "prose", 0.0, False),
-    ("lsp-02", "I'll search for all references to `send_reminder` across the project.\nLet me search for all "
-     "occurrences...", "stop", "prose", 0.0, False),
+    ("lsp-02", ("I'll search for all references to `send_reminder` across the project.\nLet me search for all "
+     "occurrences..."), "stop", "prose", 0.0, False),
     ("dom-02", "I need to read that file first to understand the routes.", "stop", "prose", 0.0, False),
     ("text-01", "<think>\nThe user wants to open a file. I should call read_file with the path", "length",
      "think_onset", 0.0, False),
-    ("text-01", "Sure, here is how you could do that in Python:\n```python\nwith open('docs/architecture.md') as f:\n"
-     "    print(f.read())", "length", "truncated", 0.0, False),
+    ("text-01", ("Sure, here is how you could do that in Python:\n```python\nwith open('docs/architecture.md') as f:\n"
+     "    print(f.read())"), "length", "truncated", 0.0, False),
     ("text-01", '<tool_call>{"name": "execute_code", "arguments": {"code": "read_file(path=', "length",
      "truncated", 0.0, False),
     ("valid-02", '<tool_call>{"name": "execute_code", "arguments": {"code": "ruff_check(path=\'a.py\')"}', "stop",
@@ -53,8 +53,8 @@ CASES = [
 
 # the same cases read by a model's own parser (tests/test_parsers.py has the table for every format)
 XML_CASES = [
-    ("text-01", "<tool_call>\n<function=read_file>\n<parameter=path>\ndocs/architecture.md\n</parameter>\n</function>"
-     "\n</tool_call>", "stop", "unwrapped", 0.5, False),
+    ("text-01", ("<tool_call>\n<function=read_file>\n<parameter=path>\ndocs/architecture.md\n</parameter>\n</function>"
+     "\n</tool_call>"), "stop", "unwrapped", 0.5, False),
     # Qwen3-Coder's known failure: the function block without its <tool_call> around it
     ("text-01", "<function=read_file>\n<parameter=path>\ndocs/architecture.md\n</parameter>\n</function>", "stop",
      "bad_format", 0.0, False),

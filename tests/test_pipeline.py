@@ -1,0 +1,124 @@
+"""Eval in the training loop, early stop, and ``mlxft run`` (real short runs on the embedded model)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from mlx_ft.cli import main
+from mlx_ft.recipe import EarlyStop, load_config
+
+from .conftest import small_suite
+
+pytestmark = pytest.mark.slow
+
+
+def loop_config(tmp_path: Path, data: Path, suite: Path, **over) -> dict:
+    cfg = {"name": "loop", "data": str(data), "runs_dir": str(tmp_path / "runs"), "iters": 4, "save_every": 2,
+           "batch_size": 2, "num_layers": 4, "learning_rate": 2e-3, "max_seq_length": 256,
+           "eval_suite": str(suite), "eval_during_training": True}
+    return {**cfg, **over}
+
+
+def texts(path: Path) -> list[str]:
+    return [x["text"] for x in json.loads(path.read_text())["results"]]
+
+
+def test_in_loop_results_are_what_mlxft_eval_gives(tmp_path, tiny_data, embedded_model):
+    from mlx_ft.train import train
+
+    suite = small_suite(tmp_path, n=3, max_tokens=16)
+    cfg = load_config(None, loop_config(tmp_path, tiny_data, suite))
+    summary = train(cfg)
+    run = cfg.run_dir
+    names = ["base", "step_000002", "step_000004"]
+    assert sorted(p.parent.name for p in run.glob("evals/*/mini.json")) == names
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval_score" in r] == [0, 2, 4]  # base once, then every checkpoint
+    assert summary["eval_seconds_in_loop"] > 0
+    # a later eval of the run finds every target done (nothing loaded, nothing generated) ...
+    r = CliRunner().invoke(main, ["eval", "--run", str(run), "--prompts", str(suite)])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("already evaluated") == 3
+    # ... and evaluating the same checkpoints again from their files gives the same replies
+    again = tmp_path / "again"
+    shutil.copytree(run, again)
+    r = CliRunner().invoke(main, ["eval", "--run", str(again), "--prompts", str(suite), "--force"])
+    assert r.exit_code == 0, r.output
+    for name in names:
+        assert texts(again / "evals" / name / "mini.json") == texts(run / "evals" / name / "mini.json"), name
+
+
+def test_early_stop_ends_training_on_a_plateau(tmp_path, tiny_data, embedded_model):
+    """At a learning rate this small nothing changes the greedy answers: no checkpoint can bring a new
+    best score, so patience 1 stops training at the first checkpoint after the base."""
+    from mlx_lm.utils import load
+
+    from mlx_ft.train import train
+
+    suite = small_suite(tmp_path, n=2, max_tokens=8)
+    cfg = load_config(None, loop_config(tmp_path, tiny_data, suite, iters=8, learning_rate=1e-9,
+                                        early_stop={"metric": "score", "patience": 1}))
+    assert cfg.early_stop == EarlyStop("score", 1)
+    summary = train(cfg)
+    assert summary["status"] == "complete" and summary["checkpoints"] == ["step_000002"]
+    assert summary["early_stop"]["step"] == 2 and summary["early_stop"]["planned_iters"] == 8
+    assert "without a new best" in summary["early_stop"]["reason"]
+    saved = json.loads((cfg.run_dir / "run.json").read_text())
+    assert saved["early_stop"] == summary["early_stop"]
+    model, _ = load(str(embedded_model), adapter_path=str(cfg.run_dir / "checkpoints" / "step_000002"))
+    assert model is not None  # the last checkpoint is complete and loads as is
+
+
+def test_early_stop_needs_the_loop_eval(tmp_path, tiny_data):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"data": str(tiny_data), "early_stop": {"patience": 2}}))
+    r = CliRunner().invoke(main, ["train", "-c", str(cfg)])
+    assert r.exit_code == 2 and "eval_during_training" in r.output and "eval_suite" in r.output
+
+
+def test_mlxft_run_resumes_after_an_interruption_without_redoing_stages(tmp_path, tiny_data, embedded_model,
+                                                                        monkeypatch):
+    from mlx_ft import pipeline
+
+    suite = small_suite(tmp_path, n=2, max_tokens=8)
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(loop_config(tmp_path, tiny_data, suite,
+                                                   fuse={"bits": 4, "out": str(tmp_path / "fused")})))
+    real_pick = pipeline.pick_best
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "pick_best", interrupted)  # Ctrl-C between eval and pick-best
+    r = CliRunner().invoke(main, ["run", "-c", str(cfg_path)])
+    assert r.exit_code == 130
+    run = tmp_path / "runs" / "loop"
+    trained = (run / "checkpoints" / "step_000004" / "adapters.safetensors").read_bytes()
+    assert not (run / "best.json").exists()
+
+    def pick_a_checkpoint(*a, **k):  # the base wins on 2 prompts after 4 steps; make the fuse stage run
+        best = real_pick(*a, **k)
+        best["chosen"] = next(c for c in best["table"] if c["name"] == "step_000004")
+        return best
+
+    monkeypatch.setattr(pipeline, "pick_best", pick_a_checkpoint)
+    r = CliRunner().invoke(main, ["run", "-c", str(cfg_path)])
+    assert r.exit_code == 0, r.output
+    assert "is complete (2 checkpoints); skipping" in r.output
+    for name in ("base", "step_000002", "step_000004"):  # the in-loop results, not evaluated again
+        assert f"{name}: already evaluated" in r.output
+    assert (run / "checkpoints" / "step_000004" / "adapters.safetensors").read_bytes() == trained  # not retrained
+    fused = json.loads((tmp_path / "fused" / "fused.json").read_text())
+    assert fused["source_checkpoint"].endswith("step_000004") and fused["bits"] == 4 and "eval" in fused
+    assert "fused model:" in r.output and "report:" in r.output and (run / "report.html").is_file()
+    before = (tmp_path / "fused" / "fused.json").read_bytes()
+    r = CliRunner().invoke(main, ["run", "-c", str(cfg_path)])  # everything done: every stage skipped
+    assert r.exit_code == 0, r.output
+    assert "already holds step_000004 at 4 bits, evaluated; skipping" in r.output
+    assert (tmp_path / "fused" / "fused.json").read_bytes() == before
