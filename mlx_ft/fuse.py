@@ -12,8 +12,8 @@ import contextlib
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mlx_ft.errors import ModelError, UserError
 from mlx_ft.files import read_json, staged_dir, write_json
@@ -103,7 +103,7 @@ def survival(pairs: list[tuple[str, object, object]], bits: int, group_size: int
         rows.append({"layer": name, "delta_norm": round(dn, 5), "cosine": round(cos, 4), "rel_error": round(rel, 4)})
     cos_sorted = sorted(r["cosine"] for r in rows)
     rel_sorted = sorted(r["rel_error"] for r in rows)
-    median = (lambda xs: xs[len(xs) // 2] if xs else None)  # noqa: E731
+    median = (lambda xs: xs[len(xs) // 2] if xs else None)
     return {"layers": rows, "median_cosine": median(cos_sorted), "median_rel_error": median(rel_sorted),
             "min_cosine": cos_sorted[0] if cos_sorted else None}
 
@@ -242,8 +242,8 @@ def compare_with_adapter(out: Path, adapter: Path, suite, *, kernels: str = "aut
     import numpy as np
 
     from mlx_ft.evaluate import evaluate_targets
-    from mlx_ft.targets import Target, single_target
     from mlx_ft.selection import mcnemar_exact
+    from mlx_ft.targets import Target, single_target
 
     record = read_json(out / "fused.json")
     adapter_target = single_target(record["base_model"], adapter, None)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from mlx_ft.errors import ModelError, OutputExistsError
 

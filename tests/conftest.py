@@ -56,7 +56,7 @@ def tree_snapshot(root: Path) -> dict:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-__all__ = ["write_jsonl", "copy_suite", "tree_snapshot", "shutil", "os"]
+__all__ = ["copy_suite", "os", "shutil", "tree_snapshot", "write_jsonl"]
 
 
 @pytest.fixture(scope="session")

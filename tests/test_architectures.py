@@ -187,11 +187,10 @@ def test_layer_types_the_engine_cannot_adapt_are_named(tmp_path, embedded_model)
     """An adapter on a layer type the batched engine does not know is refused with that type and
     the way out, not blamed on a wrong base model."""
     import mlx.core as mx
+    from mlx_lm.utils import load_model
 
     from mlx_ft import batched
     from mlx_ft.errors import EvalError
-
-    from mlx_lm.utils import load_model
 
     model = load_model(tiny_model(tmp_path / "llama", "llama", embedded_model))[0]
     d = tmp_path / "emb"

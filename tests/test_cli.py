@@ -4,6 +4,7 @@ no traceback, nothing on disk changed. Cheap cases only (no model is loaded for 
 from __future__ import annotations
 
 import json
+import re
 import struct
 
 import pytest
@@ -75,6 +76,8 @@ def setup_case(tmp_path, kind):
         "gguf_output_exists": lambda: (tmp_path / "out").mkdir() or
         ["import-gguf", str(__import__("mlx_ft.models").models.default_gguf()), str(tmp_path / "out")],
         "report_not_a_run": lambda: ["report", "--run", str(tmp_path)],
+        "run_without_eval_suite": lambda: with_cfg(f"data: {data}\n") and ["run", "-c", str(cfg)],
+        "early_stop_without_loop_eval": lambda: with_cfg("early_stop: {patience: 2}\n"),
     }
     return cases[kind]()
 
@@ -83,7 +86,7 @@ EXPECT = {
     "yaml_syntax": "line 2", "unknown_key": "learning_rat: unknown key", "wrong_type": "batch_size: expected an integer",
     "bool_as_number": "mask_prompt: expected true or false", "zero_iters": "iters: must be a positive integer",
     "negative_save_every": "save_every", "top_level_list": "top level must be a mapping",
-    "missing_config": "file not found", "missing_model": "never downloads", "empty_train": "no examples",
+    "missing_config": "file not found", "missing_model": "no such folder", "empty_train": "no examples",
     "invalid_json_line": "line 2: invalid JSON", "wrong_role": "role is 'human'",
     "empty_assistant": "assistant answer is empty", "too_few_examples": "batch_size is 4",
     "bad_seeds": "expected integers", "suite_duplicate_ids": "duplicate id",
@@ -94,7 +97,18 @@ EXPECT = {
     "fuse_bad_group": "--group-size 48", "fuse_no_best": "pick-best", "fuse_not_a_checkpoint": "not a checkpoint",
     "gguf_missing": "no such GGUF", "gguf_not_gguf": "not a readable GGUF",
     "gguf_output_exists": "already exists", "report_not_a_run": "no run.json",
+    "eval_port_without_server": "--port is for --engine server", "run_without_eval_suite": "needs eval_suite",
+    "early_stop_without_loop_eval": "early_stop: needs eval_during_training",
 }
+
+
+def test_every_bad_input_case_is_checked(tmp_path):
+    """A case built in setup_case but missing from EXPECT would never run."""
+    import inspect
+
+    src = inspect.getsource(setup_case)
+    built = set(re.findall(r'^        "(\w+)": lambda', src, flags=re.M))
+    assert built == set(EXPECT)
 
 
 @pytest.mark.parametrize("kind", sorted(EXPECT))

@@ -120,11 +120,11 @@ def test_refuses_to_overwrite_and_failure_leaves_nothing(tmp_path, source, monke
 def test_fused_eval_beside_adapter(tmp_path, fused, source):
     """The comparison is computed from the two eval records it wrote, prompt by prompt, and the 8-bit
     fused model answers like its adapter (at most one prompt's text changed by a near-tie flip)."""
+    import numpy as np
+
     from mlx_ft.fuse import quantized_kernels_are_slow
     from mlx_ft.selection import mcnemar_exact
     from mlx_ft.targets import single_target
-
-    import numpy as np
 
     suite = load_suite(small_suite(tmp_path))
     out = fused[8]["out"]
