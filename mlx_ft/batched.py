@@ -16,7 +16,7 @@ wrapper reads it before each forward pass and hands the rest of the list to the 
 Identity: before any prompt is generated, every target's fingerprint probe runs as a row of a
 batch through this same routing and must match the fingerprint recorded with the checkpoint.
 Adapter files are read strictly: every tensor must be a LoRA matrix of a linear layer of this base
-with the right shape (seed 000: a lenient load hid a mismatch).
+with the right shape (a lenient load can hide an architecture mismatch).
 """
 
 from __future__ import annotations
@@ -75,7 +75,6 @@ class RowSlots:
 
 
 def _multi_lora_class():
-    """The layer classes of the batched engine: (MultiLoRALinear, MultiLoRASwitchLinear, SlotRouter)."""
     from mlx import nn
 
     class MultiLoRALinear(nn.Module):
@@ -94,9 +93,21 @@ def _multi_lora_class():
             self.mask = self.row_scale = None  # set by MultiAdapterModel.route before each forward
 
         def __call__(self, x):
+            import mlx.core as mx
+
             y = self.linear(x)
-            z = ((x @ self.a) * self.mask) @ self.b
-            return y + (self.row_scale * z).astype(x.dtype)
+            mask, row_scale = self.mask, self.row_scale
+            if x.ndim == 2:  # [rows * tokens, in]: a block that flattened the batch first (olmoe's router)
+                n = x.shape[0] // mask.shape[0]
+                mask, row_scale = mx.repeat(mask[:, 0], n, axis=0), mx.repeat(row_scale[:, 0], n, axis=0)
+            z = ((x @ self.a) * mask) @ self.b
+            return y + (row_scale * z).astype(x.dtype)
+
+    return MultiLoRALinear
+
+
+def _multi_lora_switch_class():
+    from mlx import nn
 
     class MultiLoRASwitchLinear(nn.Module):
         """A mixture-of-experts layer (SwitchLinear/QuantizedSwitchLinear) plus every slot's
@@ -130,6 +141,12 @@ def _multi_lora_class():
             z = mx.gather_mm(mx.gather_mm(x, self.a_t, rhs_indices=idx), self.b_t, rhs_indices=idx)
             return y + (self.scale[..., None, None] * z).astype(x.dtype)
 
+    return MultiLoRASwitchLinear
+
+
+def _slot_router_class():
+    from mlx import nn
+
     class SlotRouter(nn.Module):
         """Wraps a SwitchGLU/SwitchMLP: hands its adapted switch layers one adapter slot per
         (token, expert) pair, in the order they will see the pairs. Those blocks flatten the pairs
@@ -147,9 +164,17 @@ def _multi_lora_class():
         def __call__(self, x, indices):
             import mlx.core as mx
 
-            lead = (indices.shape[0],) + (1,) * (indices.ndim - 1)
-            pos = mx.broadcast_to(self.row_pos.reshape(lead), indices.shape)
-            scale = mx.broadcast_to(self.row_scale.reshape(lead), indices.shape)
+            rows, n = self.row_pos.shape[0], indices.shape[0]
+            row_pos, row_scale = self.row_pos, self.row_scale
+            if n != rows:  # blocks that flatten [rows, tokens] to rows*tokens first (olmoe): row-major
+                if n % rows:
+                    raise EvalError(f"batched engine: a {type(self.inner).__name__} called with {n} token rows for "
+                                    f"a batch of {rows}; its routing is not one the batched engine knows, "
+                                    "use --engine server")
+                row_pos, row_scale = mx.repeat(row_pos, n // rows), mx.repeat(row_scale, n // rows)
+            lead = (n,) + (1,) * (indices.ndim - 1)
+            pos = mx.broadcast_to(row_pos.reshape(lead), indices.shape)
+            scale = mx.broadcast_to(row_scale.reshape(lead), indices.shape)
             if indices.size >= self.SORT_AT:
                 order = mx.argsort(mx.stop_gradient(indices).flatten())
                 pos, scale = pos.flatten()[order], scale.flatten()[order]
@@ -157,7 +182,7 @@ def _multi_lora_class():
                 m.pos, m.scale = pos, scale
             return self.inner(x, indices)
 
-    return MultiLoRALinear, MultiLoRASwitchLinear, SlotRouter
+    return SlotRouter
 
 
 @dataclass
@@ -206,8 +231,8 @@ def read_adapter(path: Path, model) -> Adapter:
     for mod_path, pair in pairs.items():
         layer = modules.get(mod_path)
         if layer is None:
-            raise EvalError(f"{weights_path}: {cfg.get('model', 'the base')} has no layer {mod_path!r}; "
-                            "was this adapter trained on another model?")
+            raise EvalError(f"{weights_path}: {mod_path!r} is not a linear layer of {cfg.get('model', 'the base')} "
+                            "(it has no layer of that name); was this adapter trained on another model?")
         kind = _kind(layer)
         if kind is None:
             raise EvalError(f"{weights_path}: {mod_path!r} is a {type(layer).__name__}; the batched engine adapts "
@@ -220,24 +245,29 @@ def read_adapter(path: Path, model) -> Adapter:
                                 "use --engine server")
         if set(pair) != {"lora_a", "lora_b"}:
             raise EvalError(f"{weights_path}: {mod_path} has {sorted(pair)} only; a LoRA layer needs lora_a and lora_b")
-        in_dims, out_dims = _dims(layer)
         a, b = pair["lora_a"], pair["lora_b"]
-        if kind == "linear":
-            fits = a.ndim == 2 and b.ndim == 2 and a.shape[0] == in_dims and b.shape[1] == out_dims \
-                and a.shape[1] == b.shape[0]
-            base = f"{in_dims} -> {out_dims}"
-        else:
-            e = layer.num_experts
-            fits = a.ndim == 3 and b.ndim == 3 and a.shape[0] == b.shape[0] == e and a.shape[2] == in_dims \
-                and b.shape[1] == out_dims and a.shape[1] == b.shape[2]
-            base = f"{e} experts, {in_dims} -> {out_dims}"
-        if not fits:
+        if not _fits(layer, a, b):
             raise EvalError(f"{weights_path}: {mod_path} LoRA shapes {a.shape} x {b.shape} don't fit the base "
-                            f"{type(layer).__name__} ({base}); was this adapter trained on another model?")
+                            f"{type(layer).__name__} ({_describe(layer)}); was this adapter trained on another model?")
         tensors[mod_path] = (a, b)
     if not tensors:
         raise EvalError(f"{weights_path}: no LoRA tensors")
     return Adapter(path, cfg, tensors, float(scale))
+
+
+def _fits(layer, a, b) -> bool:
+    """LoRA pair shapes for this layer: a Linear's [in, r] x [r, out], a switch layer's [E, r, in] x [E, out, r]."""
+    in_dims, out_dims = _dims(layer)
+    if _kind(layer) == "linear":
+        return a.ndim == b.ndim == 2 and a.shape[0] == in_dims and b.shape[1] == out_dims and a.shape[1] == b.shape[0]
+    e = layer.num_experts
+    return (a.ndim == b.ndim == 3 and a.shape[0] == b.shape[0] == e and a.shape[2] == in_dims
+            and b.shape[1] == out_dims and a.shape[1] == b.shape[2])
+
+
+def _describe(layer) -> str:
+    in_dims, out_dims = _dims(layer)
+    return f"{layer.num_experts} experts, {in_dims} -> {out_dims}" if _kind(layer) == "switch" else f"{in_dims} -> {out_dims}"
 
 
 def _dims(layer) -> tuple[int, int]:
@@ -251,6 +281,21 @@ def _dims(layer) -> tuple[int, int]:
     return in_dims, out_dims
 
 
+def _stack_switch(layer, pairs: list, rank: int):
+    """A MultiLoRASwitchLinear over ``layer`` with each adapter's per-expert pairs (None: this
+    adapter leaves the layer alone, a zero update) stacked along the expert axis, rank zero-padded."""
+    import mlx.core as mx
+
+    (in_dims, out_dims), e = _dims(layer), layer.num_experts
+    a_st, b_st = [], []
+    for pair in pairs:
+        ta, tb = pair or (mx.zeros((e, rank, in_dims)), mx.zeros((e, out_dims, rank)))
+        r = ta.shape[1]
+        a_st.append(mx.pad(ta.astype(mx.float32), [(0, 0), (0, rank - r), (0, 0)]))
+        b_st.append(mx.pad(tb.astype(mx.float32), [(0, 0), (0, 0), (0, rank - r)]))
+    return _multi_lora_switch_class()(layer, mx.concatenate(a_st), mx.concatenate(b_st), e)
+
+
 class MultiAdapterModel:
     """The base model with K adapter slots (slot 0 = base) and the routing that BatchGenerator drives."""
 
@@ -258,7 +303,7 @@ class MultiAdapterModel:
         import mlx.core as mx
         from mlx.utils import tree_unflatten
 
-        MultiLoRALinear, MultiLoRASwitchLinear, SlotRouter = _multi_lora_class()
+        MultiLoRALinear, SlotRouter = _multi_lora_class(), _slot_router_class()
         self.model = model
         modules = dict(model.named_modules())
         paths = sorted({p for ad in adapters if ad for p in ad.tensors})
@@ -290,17 +335,7 @@ class MultiAdapterModel:
             replaced.append((p, multi))
         self.switch_layers, by_parent = [], {}
         for p in switch:
-            layer = modules[p]
-            (in_dims, out_dims), e = _dims(layer), layer.num_experts
-            a_st, b_st = [], []
-            for k in lora_slots:
-                ta, tb = adapters[k].tensors.get(p, (None, None))
-                if ta is None:
-                    ta, tb = mx.zeros((e, rank, in_dims)), mx.zeros((e, out_dims, rank))
-                r = ta.shape[1]
-                a_st.append(mx.pad(ta.astype(mx.float32), [(0, 0), (0, rank - r), (0, 0)]))
-                b_st.append(mx.pad(tb.astype(mx.float32), [(0, 0), (0, 0), (0, rank - r)]))
-            multi = MultiLoRASwitchLinear(layer, mx.concatenate(a_st), mx.concatenate(b_st), e)
+            multi = _stack_switch(modules[p], [adapters[k].tensors.get(p) for k in lora_slots], rank)
             self.switch_layers.append(multi)
             by_parent.setdefault(p.rpartition(".")[0], []).append(multi)
             replaced.append((p, multi))
@@ -406,21 +441,20 @@ def check_probe(name: str, expected: dict | None, done: Done) -> dict:
 
 
 def reply_text(tokenizer, text_sm, ids: list[int], finish_reason: str) -> str:
-    """The message content mlx-lm's server would return for these tokens: decoded by the same
-    streaming detokenizer (which, unlike ``tokenizer.decode``, drops the first token's leading
-    space), stop words and control sequences stripped by its own text state machine, only the
-    "normal" state's text kept."""
+    """What the model wrote, as the server's text would be for a model without a tool parser:
+    decoded by the same streaming detokenizer (which, unlike ``tokenizer.decode``, drops the first
+    token's leading space), stop words stripped by ``text_sm`` (engine_batched.raw_text_machine:
+    tool-call and think markers are kept for the scorer)."""
     detok = tokenizer.detokenizer
     detok.reset()
     for t in ids:
         detok.add_token(t)
     detok.finalize()
-    state = text_sm.make_state(getattr(tokenizer, "response_initial_state", None) or "normal")
-    state, segments = TextStateMachine.split(state, detok.text)
+    state, segments = TextStateMachine.split(text_sm.make_state("normal"), detok.text)
     if finish_reason == "length":
         state, flushed, current = TextStateMachine.flush(state)
         segments.append((current, flushed))
-    return "".join(text for st, text in segments if st == "normal")
+    return "".join(text for _, text in segments)
 
 
 class _Live:

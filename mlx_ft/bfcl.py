@@ -73,7 +73,7 @@ class BfclSuite(Task):
         """The model's own format when the template shows the tools; JSON when our system prompt asks for it."""
         return "auto" if self.tool_render == "template" else "json"
 
-    def fingerprint(self) -> str:
+    def digest(self) -> str:
         blob = {"kind": "bfcl", "system": SYSTEM, "gen": asdict(self.generation),
                 "rubric": asdict(Rubric(wrapper=None)), "prompts": [asdict(p) for p in self.prompts]}
         if self.tool_render != "system_prompt":

@@ -11,7 +11,7 @@ from mlx_ft.tables import excerpt, pct, table
 
 
 def eval_tables(records: list[dict]) -> str:
-    """Per-prompt table (one column per target) and per-category table, like seed 004's."""
+    """Per-prompt table (one column per target) and per-category table, to compare targets side by side."""
     if not records:
         return "nothing evaluated"
     names = [r["target"]["name"] for r in records]

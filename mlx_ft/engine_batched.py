@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from mlx_lm.generate import make_text_state_machine
+from mlx_lm.generate import TextStateMachine
 from mlx_lm.utils import load
 
 from mlx_ft import batched
@@ -19,9 +19,16 @@ from mlx_ft.engines import Reply, Request
 from mlx_ft.errors import UserError
 
 
+def raw_text_machine(stop_words: list[str]) -> TextStateMachine:
+    """mlx-lm's text state machine with the stop words only: it strips a stop word the way the
+    server does, and keeps everything else -- tool-call and think markers included -- because the
+    scorer reads what the model wrote, with the model's own parser."""
+    return TextStateMachine({"normal": [(w, "normal") for w in stop_words]} if stop_words else None)
+
+
 def render(tokenizer, suite, prompt) -> list[int]:
     """The prompt's tokens exactly as the chat template renders its messages (and tools)."""
-    tools = suite.tools(prompt) if hasattr(suite, "tools") and callable(suite.tools) else None
+    tools = suite.tools(prompt)
     if tools:
         return tokenizer.apply_chat_template(suite.messages(prompt), tools=tools, add_generation_prompt=True)
     return tokenizer.apply_chat_template(suite.messages(prompt), add_generation_prompt=True)
@@ -45,7 +52,7 @@ class BatchedEngine:
             self.slot[name] = len(stack) - 1 if a is not None else 0
         self.multi = batched.MultiAdapterModel(model, stack)
         self.stats: dict = {}
-        self.text_sm = make_text_state_machine(tokenizer, suite.generation.stop_sequences)
+        self.text_sm = raw_text_machine(suite.generation.stop_sequences)
 
     @classmethod
     def load(cls, model_path: Path, targets: list, suite, *, wave: int = 256,

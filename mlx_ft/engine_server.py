@@ -67,7 +67,7 @@ class ServerEngine:
 
     def _ask(self, request: Request, max_tokens: int) -> Reply:
         gen = self.suite.generation
-        tools = self.suite.tools(request.prompt) if callable(getattr(self.suite, "tools", None)) else None
+        tools = self.suite.tools(request.prompt)
         return self.server.chat(self.suite.messages(request.prompt), adapter=_adapter(request.target),
                                 max_tokens=max_tokens, temperature=gen.temperature, top_p=gen.top_p,
                                 stop=gen.stop_sequences if max_tokens > 1 else (), tools=tools)

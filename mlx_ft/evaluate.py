@@ -11,9 +11,12 @@ same weights (targets.Target.identity); anything else is evaluated again.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+from mlx_lm.utils import load_tokenizer
 
 from mlx_ft.bfcl import load_bfcl
 from mlx_ft.engine_batched import BatchedEngine
@@ -24,6 +27,7 @@ from mlx_ft.files import append_jsonl, read_json, read_jsonl, write_json
 from mlx_ft.results import FORMAT, prompt_row, same_weights, suite_digest, summarize
 from mlx_ft.scoring import score
 from mlx_ft.server import Server
+from mlx_ft.parsers import Parser, resolve_parser
 from mlx_ft.suite import load_suite
 from mlx_ft.targets import Target
 
@@ -42,8 +46,8 @@ class _TargetEval:
     """One target's eval in progress: the prompts scored so far (from a resumed partial file
     too), each kept on disk as it lands, and the result file written when the last one is."""
 
-    def __init__(self, target: Target, suite, *, resume: bool, log: Log):
-        self.target, self.suite, self.log = target, suite, log
+    def __init__(self, target: Target, suite, parser: Parser, *, resume: bool, log: Log):
+        self.target, self.suite, self.parser, self.log = target, suite, parser, log
         self.identity = target.identity()
         self.partial = target.partial_path(suite.name)
         self.done = self._resumed(resume)
@@ -54,7 +58,7 @@ class _TargetEval:
         if not self.partial.exists():
             return {}
         rows = [r for r in read_jsonl(self.partial)
-                if r.get("suite_digest") == self.suite.fingerprint() and same_weights(r, self.identity)]
+                if r.get("suite_digest") == self.suite.digest() and same_weights(r, self.identity)]
         if not resume:
             raise UserError(f"{self.partial} holds {len(rows)} finished prompt(s) of an interrupted eval; "
                             "pass --resume to continue it or --force to start over")
@@ -62,12 +66,12 @@ class _TargetEval:
             self.log(f"{self.target.name}: resuming, {len(rows)} of {len(self.suite.prompts)} prompts already scored")
         return {r["id"]: r for r in rows}
 
-    def keep(self, prompt, reply: Reply, parser=None) -> None:
-        s = score(self.suite, prompt, reply.text, reply.finish_reason, reply.error)
+    def keep(self, prompt, reply: Reply) -> None:
+        s = score(self.suite, prompt, reply.text, reply.finish_reason, reply.error, parser=self.parser)
         row = prompt_row(prompt, reply, s)
         self.done[prompt.id] = row
         self.target.out_dir.mkdir(parents=True, exist_ok=True)
-        append_jsonl(self.partial, {**row, "suite_digest": self.suite.fingerprint(), "identity": self.identity})
+        append_jsonl(self.partial, {**row, "suite_digest": self.suite.digest(), "identity": self.identity})
 
     @property
     def complete(self) -> bool:
@@ -81,9 +85,10 @@ class _TargetEval:
         gen, t = self.suite.generation, self.target
         record = {
             "format": FORMAT,
-            "suite": {"name": self.suite.name, "path": self.suite.path, "digest": self.suite.fingerprint(),
+            "suite": {"name": self.suite.name, "path": self.suite.path, "digest": self.suite.digest(),
                       "generation": {"max_tokens": gen.max_tokens, "temperature": gen.temperature,
-                                     "stop": gen.stop_sequences}},
+                                     "stop": gen.stop_sequences},
+                      "parser": self.parser.name, **self.suite.record()},
             "target": {"name": t.name, "step": t.step, "model": str(t.model),
                        "adapter": str(t.adapter) if t.adapter else None, "val_loss": t.val_loss,
                        "fingerprint_checked": t.fingerprint is not None},
@@ -105,9 +110,22 @@ class _TargetEval:
         return record
 
 
-def prepare(targets: list[Target], suite, *, resume: bool = False, log: Log = lambda s: None) -> list[_TargetEval]:
-    """Each target's eval, with what an interrupted eval already scored (refused without resume)."""
-    return [_TargetEval(t, suite, resume=resume, log=log) for t in targets]
+def bind(suite, tokenizer):
+    """The suite as ``tokenizer``'s model must see it (tools through its chat template, or in the
+    system prompt) and the tool-call parser its answers are read with."""
+    bound = suite.bind(tokenizer)
+    parser = resolve_parser(tokenizer, bound.tool_format)
+    gen = bound.generation
+    if parser.think not in gen.stop_sequences:  # this model's think marker: a think block ends the answer
+        bound = dataclasses.replace(bound, generation=dataclasses.replace(gen, stop=(*gen.stop, parser.think)))
+    return bound, parser
+
+
+def prepare(targets: list[Target], suite, parser: Parser, *, resume: bool = False,
+            log: Log = lambda s: None) -> list[_TargetEval]:
+    """Each target's eval, with what an interrupted eval already scored (refused without resume).
+    ``suite`` is already bound to the targets' tokenizer (:func:`bind`)."""
+    return [_TargetEval(t, suite, parser, resume=resume, log=log) for t in targets]
 
 
 def run_engine(engine: Engine, evals: list[_TargetEval], *, progress: Progress | None = None) -> list[dict]:
@@ -141,7 +159,7 @@ def reusable(target: Target, suite, force: bool, log: Log) -> dict | None:
     if not path.exists():
         return None
     old = read_json(path)
-    if suite_digest(old) != suite.fingerprint():
+    if suite_digest(old) != suite.digest():
         raise UserError(f"{path} was written for a different version of suite {suite.name!r}; "
                         "pass --force to replace it")
     if not same_weights(old, target.identity()):
@@ -164,7 +182,7 @@ def open_engine(engine: str, model: Path, group: list[Target], suite, *, port: i
 def evaluate_targets(targets: list[Target], suite, *, engine: str = "batched", port: int | None = None,
                      resume: bool = False, force: bool = False, concurrency: int = 256, server_factory=Server,
                      log: Log = lambda s: None, log_dir: Path | None = None,
-                     progress: Progress | None = None) -> list[dict]:
+                     progress: Progress | None = None, tokenizer_loader=load_tokenizer) -> list[dict]:
     """Evaluate every target; results already complete for this suite and these weights are reused.
 
     ``engine="batched"`` (default): all targets of a base model in one in-process batch, up to
@@ -173,20 +191,34 @@ def evaluate_targets(targets: list[Target], suite, *, engine: str = "batched", p
     """
     if engine not in ENGINES:
         raise UserError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    records, pending = [], []
-    for t in targets:
-        old = reusable(t, suite, force, log)
-        if old is not None:
-            records.append(old)
-        else:
-            pending.append(t)
     by_model: dict[Path, list[Target]] = collections.defaultdict(list)
-    for t in pending:
+    for t in targets:
         by_model[t.model.resolve()].append(t)
+    records = []
     for model, group in by_model.items():
-        evals = prepare(group, suite, resume=resume, log=log)  # before loading anything
-        with open_engine(engine, model, group, suite, port=port, concurrency=concurrency,
+        tokenizer = tokenizer_loader(model)  # the tokenizer alone: how to render the suite, how to parse
+        bound, parser = bind(suite, tokenizer)
+        pending = []
+        for t in group:
+            old = reusable(t, bound, force, log)
+            records.append(old) if old is not None else pending.append(t)
+        if not pending:
+            continue
+        if engine == "server":
+            check_server_can_score(tokenizer, model)
+        evals = prepare(pending, bound, parser, resume=resume, log=log)  # before loading the model
+        with open_engine(engine, model, pending, bound, port=port, concurrency=concurrency,
                          server_factory=server_factory, log=log, log_dir=log_dir) as eng:
             records.extend(run_engine(eng, evals, progress=progress))
     order = {t.name: i for i, t in enumerate(targets)}
     return sorted(records, key=lambda r: order.get(r["target"]["name"], 0))
+
+
+def check_server_can_score(tokenizer, model: Path) -> None:
+    """mlx_lm.server moves tool calls into ``tool_calls`` and reasoning out of ``content``: the raw
+    text the scorer reads is gone. Such models are scored by the batched engine only."""
+    if getattr(tokenizer, "has_tool_calling", False) or getattr(tokenizer, "has_thinking", False):
+        what = "tool calls" if getattr(tokenizer, "has_tool_calling", False) else "thinking blocks"
+        raise UserError(f"{model}: its tokenizer parses {what}, and mlx_lm.server returns them outside the "
+                        "message text, so --engine server cannot show the scorer what the model wrote; use "
+                        "--engine batched (the default)")

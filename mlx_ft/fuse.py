@@ -1,7 +1,7 @@
 """``mlxft fuse``: fuse a checkpoint into a *full-precision* base, quantize to N bits, prove it works.
 
 mlx-lm's own fuse re-quantizes at the base's bits with no bits option, and fusing a small LoRA
-delta into already-quantized weights can round it away (seed 003: merged != adapter). So: dequantize
+delta into already-quantized weights can round it away (a merged model that no longer behaves like its adapter). So: dequantize
 the base, fuse, measure how much of each LoRA delta survives quantization, quantize, write the
 folder atomically, then evaluate the fused model beside its adapter (``compare_with_adapter``).
 """
@@ -112,8 +112,8 @@ def fuse(adapter: Path, base: Path, out: Path, bits: int = 5, group_size: int = 
          force: bool = False, log: Callable[[str], None] = lambda s: None) -> dict:
     """Dequantize base → fuse adapter → quantize → save atomically. Returns the fuse record."""
     import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_unflatten
-    from mlx_lm.utils import dequantize_model, load, load_adapters, quantize_model, save
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import save
 
     from mlx_ft.fingerprint import fingerprint_model
 
@@ -121,41 +121,16 @@ def fuse(adapter: Path, base: Path, out: Path, bits: int = 5, group_size: int = 
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it, or choose another --out")
     t0 = time.perf_counter()
-    acfg = read_json(adapter / "adapter_config.json")
-    check_memory("fuse", base, bits=bits if bits != 16 else 0, log=log, lora_layers=acfg.get("num_layers"),
-                 lora_rank=(acfg.get("lora_parameters") or {}).get("rank", 8))
-    log(f"loading {base}")
-    model, tok, config = load(str(base), return_config=True)
-    base_bits = (config.get("quantization") or {}).get("bits")
-    if base_bits:
-        log(f"dequantizing the {base_bits}-bit base before fusing")
-        model = dequantize_model(model)
-        config.pop("quantization", None)
-        config.pop("quantization_config", None)
-    model = load_adapters(model, str(adapter))
-    loras = _lora_modules(model)
-    if not loras:
-        raise ModelError(f"{adapter}: no LoRA layers found to fuse (fine_tune_type full is not supported here)")
-    log(f"fusing {len(loras)} adapted layers")
-    base_weights = {n: _base_weight(n, m) for n, m in loras}
-    fused = [(n, m.fuse()) for n, m in loras]
-    model.update_modules(tree_unflatten(fused))
-    fused_weights = dict(fused)
-    pairs = [(n, base_weights[n], fused_weights[n].weight) for n, _ in loras]
+    _check_memory(adapter, base, bits, log)
+    model, tok, config, base_bits = _load_full_precision(base, log)
+    pairs = _merge(model, adapter, log)
     surv = survival(pairs, bits, group_size)
     warnings = []
     if surv["median_cosine"] is not None and surv["median_cosine"] < SURVIVAL_WARN:
         warnings.append(f"at {bits} bits most of the LoRA delta is rounded away (median cosine "
                         f"{surv['median_cosine']:.2f}); the fused model may behave like the base. Use more bits")
     if bits != 16:
-        log(f"quantizing to {bits} bits, group size {group_size}" + (f", recipe {recipe}" if recipe else ""))
-        predicate = None
-        if recipe:
-            from mlx_lm.convert import mixed_quant_predicate_builder
-
-            predicate = mixed_quant_predicate_builder(recipe, model, group_size)
-        with contextlib.redirect_stdout(sys.stderr):  # mlx-lm prints its bits/weight line to stdout
-            model, config = quantize_model(model, config, group_size, bits, quant_predicate=predicate)
+        model, config = _quantize(model, config, bits, group_size, recipe, log)
     model.eval()
     fp = fingerprint_model(model, tok)
     with staged_dir(out, force=force) as tmp:
@@ -185,6 +160,59 @@ def fuse(adapter: Path, base: Path, out: Path, bits: int = 5, group_size: int = 
     log(f"fused in {record['seconds']} s, {size / 1e6:.1f} MB, adapter survival median cosine "
         f"{surv['median_cosine']}")
     return record
+
+
+def _check_memory(adapter: Path, base: Path, bits: int, log: Callable[[str], None]) -> None:
+    """Refuse before loading when the fuse would not fit in memory (mlx_ft/memory.py)."""
+    acfg = read_json(adapter / "adapter_config.json")
+    check_memory("fuse", base, bits=bits if bits != 16 else 0, log=log, lora_layers=acfg.get("num_layers"),
+                 lora_rank=(acfg.get("lora_parameters") or {}).get("rank", 8))
+
+
+def _load_full_precision(base: Path, log: Callable[[str], None]):
+    """(model, tokenizer, config, the base's bits or None): a quantized base dequantized, its
+    quantization keys dropped from the config."""
+    from mlx_lm.utils import dequantize_model, load
+
+    log(f"loading {base}")
+    model, tok, config = load(str(base), return_config=True)
+    base_bits = (config.get("quantization") or {}).get("bits")
+    if base_bits:
+        log(f"dequantizing the {base_bits}-bit base before fusing")
+        model = dequantize_model(model)
+        config.pop("quantization", None)
+        config.pop("quantization_config", None)
+    return model, tok, config, base_bits
+
+
+def _merge(model, adapter: Path, log: Callable[[str], None]) -> list[tuple[str, object, object]]:
+    """Apply the adapter's LoRA layers to the (full-precision) model and fuse each into its base
+    layer, in place. Returns (layer, base weight, fused weight) per adapted layer."""
+    from mlx.utils import tree_unflatten
+    from mlx_lm.utils import load_adapters
+
+    model = load_adapters(model, str(adapter))
+    loras = _lora_modules(model)
+    if not loras:
+        raise ModelError(f"{adapter}: no LoRA layers found to fuse (fine_tune_type full is not supported here)")
+    log(f"fusing {len(loras)} adapted layers")
+    base_weights = {n: _base_weight(n, m) for n, m in loras}
+    fused = [(n, m.fuse()) for n, m in loras]
+    model.update_modules(tree_unflatten(fused))
+    return [(n, base_weights[n], layer.weight) for n, layer in fused]
+
+
+def _quantize(model, config: dict, bits: int, group_size: int, recipe: str | None, log: Callable[[str], None]):
+    from mlx_lm.utils import quantize_model
+
+    log(f"quantizing to {bits} bits, group size {group_size}" + (f", recipe {recipe}" if recipe else ""))
+    predicate = None
+    if recipe:
+        from mlx_lm.convert import mixed_quant_predicate_builder
+
+        predicate = mixed_quant_predicate_builder(recipe, model, group_size)
+    with contextlib.redirect_stdout(sys.stderr):  # mlx-lm prints its bits/weight line to stdout
+        return quantize_model(model, config, group_size, bits, quant_predicate=predicate)
 
 
 def _peak_rss_bytes() -> int:

@@ -4,7 +4,7 @@
 weight/scales/biases); this module maps llama.cpp names to Hugging Face llama names, rebuilds the
 tokenizer from the GGUF vocabulary with ``tokenizers``, and writes a folder that ``mlx_lm.load``,
 ``mlx_lm.generate`` and ``mlx_lm.server`` use as is. The result is verified by a *strict* load:
-every tensor must land on a parameter and every parameter must be filled (seed 000: a silent
+every tensor must land on a parameter and every parameter must be filled (a silent
 ``strict=False`` load hid an architecture mismatch).
 """
 

@@ -123,8 +123,9 @@ def _run_job(host: Host, job: Job, popen, tail: deque[str]) -> str | None:
     try:
         for file in job.inputs:
             push(host, file)
+        # stdin: never the user's terminal (ssh would forward it to the job and read keystrokes)
         proc = popen(command(host, job.argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                     env={**os.environ, "MLXFT_SPREAD_HOST": host.name})
+                     stdin=subprocess.DEVNULL, env={**os.environ, "MLXFT_SPREAD_HOST": host.name})
         with contextlib.ExitStack() as stack:
             out = None
             if job.log_path:

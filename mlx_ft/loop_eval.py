@@ -14,7 +14,7 @@ from pathlib import Path
 
 from mlx_ft import runs
 from mlx_ft.engine_batched import BatchedEngine
-from mlx_ft.evaluate import prepare, reusable, run_engine
+from mlx_ft.evaluate import bind, prepare, reusable, run_engine
 from mlx_ft.recipe import EarlyStop
 from mlx_ft.selection import wilson
 from mlx_ft.targets import Target
@@ -34,11 +34,12 @@ class LoopEval:
         adapter = None if step == 0 else runs.checkpoint_dir(self.run_dir, step)
         target = Target(name, self.model_path, adapter, runs.evals_dir(self.run_dir, name), step, fingerprint,
                         val_loss)
-        reusable(target, self.suite, force=True, log=self.log)  # drops a stale partial file
+        suite, parser = bind(self.suite, tokenizer)
+        reusable(target, suite, force=True, log=self.log)  # drops a stale partial file
         model.eval()
         try:
-            engine = BatchedEngine(model, tokenizer, self.suite, {name: None}, wave=self.wave)
-            [record] = run_engine(engine, prepare([target], self.suite))
+            engine = BatchedEngine(model, tokenizer, suite, {name: None}, wave=self.wave)
+            [record] = run_engine(engine, prepare([target], suite, parser))
         finally:
             model.train()
         self.eval_seconds += record["seconds"]

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlx_ft.errors import ModelError
+from mlx_ft.errors import ModelError, UserError
 
 GB = 1e9
 STAGES = ("train", "eval", "fuse")
@@ -30,10 +30,6 @@ KNOBS = {"weights": "use a smaller or quantized model", "adapters": "evaluate fe
          "activations": "lower batch_size or max_seq_length, or set grad_checkpoint",
          "logits": "lower batch_size or max_seq_length (eval: fewer rows per wave)",
          "kv_cache": "evaluate fewer rows at once (--wave) or lower max_tokens", "quantized": "use fewer bits"}
-
-
-class InsufficientMemoryError(ModelError):
-    """The stage's estimated peak memory exceeds the memory available here."""
 
 
 @dataclass(frozen=True)
@@ -126,7 +122,7 @@ def estimate(stage: str, m: ModelSize, *, batch_size: int = 4, seq_len: int = 20
     rows of ``tokens`` tokens + one step's logits. fuse: the full-precision model (a quantized base
     is dequantized first) + the quantized copy at ``bits`` + the adapter."""
     if stage not in STAGES:
-        raise ValueError(f"stage {stage!r}: one of {', '.join(STAGES)}")
+        raise UserError(f"stage {stage!r}: one of {', '.join(STAGES)}")
     lora = lora_params(m, lora_rank, lora_layers) * 4
     parts: dict[str, int] = {"weights": m.disk_bytes}
     if stage == "train":
@@ -154,24 +150,28 @@ def available_bytes() -> int:
     return int(psutil.virtual_memory().available)
 
 
+def human(n: float) -> str:
+    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / 1e6:.1f} MB"
+
+
 def describe(stage: str, parts: dict[str, int], available: int) -> str:
-    detail = ", ".join(f"{k.replace('_', ' ')} {v / GB:.2f}" for k, v in parts.items() if k != "total")
-    return f"{stage}: estimated peak memory {parts['total'] / GB:.2f} GB ({detail}) of {available / GB:.2f} GB available"
+    detail = ", ".join(f"{k.replace('_', ' ')} {human(v)}" for k, v in parts.items() if k != "total")
+    return f"{stage}: estimated peak memory {human(parts['total'])} ({detail}) of {human(available)} available"
 
 
 def check_memory(stage: str, model_path: str | Path, *, log: Callable[[str], None] = lambda s: None,
                  available: int | None = None, **sizes) -> dict[str, int]:
-    """Log the model's size on disk and ``stage``'s peak-memory estimate; raise
-    InsufficientMemoryError, before anything is loaded, when it exceeds the available memory.
+    """Log the model's size on disk and ``stage``'s peak-memory estimate; raise ModelError, before
+    anything is loaded, when it exceeds the available memory.
     ``sizes``: the keyword arguments of :func:`estimate` (batch_size, seq_len, rows, tokens, ...)."""
     m = model_size(model_path)
     parts = estimate(stage, m, **sizes)
     free = available_bytes() if available is None else available
-    log(f"model {model_path}: {m.disk_bytes / GB:.2f} GB on disk, {m.params / 1e9:.2f} B parameters")
+    log(f"model {model_path}: {human(m.disk_bytes)} on disk, {m.params / 1e6:,.1f} M parameters")
     log(describe(stage, parts, free))
     if parts["total"] > free and os.environ.get(SKIP_ENV) != "1":
         largest = max((k for k in parts if k != "total"), key=parts.get)
-        raise InsufficientMemoryError(
+        raise ModelError(
             f"{describe(stage, parts, free)}: it would not fit. The largest part is {largest.replace('_', ' ')}: "
             f"{KNOBS[largest]}, or free memory; set {SKIP_ENV}=1 to try anyway")
     return parts

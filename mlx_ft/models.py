@@ -79,7 +79,8 @@ def hub_cache() -> Path:
     """huggingface_hub's cache folder, read from the environment now (huggingface_hub reads it once, at import)."""
     if os.environ.get("HF_HUB_CACHE"):
         return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    hf_home = os.environ.get("HF_HOME") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface"
+    xdg = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    hf_home = os.environ.get("HF_HOME") or xdg / "huggingface"
     return Path(hf_home).expanduser() / "hub"
 
 
@@ -97,8 +98,8 @@ def from_hub_cache(spec: str, log: Callable[[str], None] = lambda s: None) -> Pa
         folder = Path(snapshot_download(repo_id, revision=revision or None, cache_dir=str(cache),
                                         local_files_only=True, allow_patterns=DEFAULT_ALLOW_PATTERNS))
     except (LocalEntryNotFoundError, OSError, ValueError) as e:  # IncompleteSnapshotError is an OSError
-        raise ModelError(f"model {spec!r}: no local folder of that name, and not in the Hugging Face cache ({cache}); mlxft never downloads "
-                         f"weights: {how} ({type(e).__name__})") from e
+        raise ModelError(f"model {spec!r}: no local folder of that name, and not in the Hugging Face cache "
+                         f"({cache}); mlxft never downloads weights: {how} ({type(e).__name__})") from e
     if not is_model_dir(folder):
         raise ModelError(f"model {spec!r}: the cached snapshot {folder} has no config.json or *.safetensors "
                          f"(an interrupted download?); {how}")

@@ -114,11 +114,11 @@ class Suite(Task):
         """The tools the model is shown: the JSON-schema entries."""
         return openai_tools([t.schema() for t in self.toolset if t.parameters is not None])
 
-    def fingerprint(self) -> str:
+    def digest(self) -> str:
         """Hash of everything that changes a score, so results from an edited suite are not mixed."""
         blob = {"kind": "tools", "system": self.system_prompt, "gen": asdict(self.generation),
                 "rubric": asdict(self.rubric), "prompts": [asdict(p) for p in self.prompts]}
-        if self.native or self.tool_format != "auto":  # suites of the first format keep their fingerprint
+        if self.native or self.tool_format != "auto":  # suites of the first format keep their digest
             blob.update(tools=self.schemas(), render=self.tool_render, tool_format=self.tool_format)
         return digest(blob)
 

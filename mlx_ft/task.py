@@ -78,12 +78,12 @@ class Task:
     def score(self, prompt: Any, text: str | None, finish_reason: str | None, error: str | None, parser: Any):
         raise NotImplementedError
 
-    def fingerprint(self) -> str:
+    def digest(self) -> str:
         raise NotImplementedError
 
     def bind(self, tokenizer: Any) -> Task:
         """This task as it must be rendered for ``tokenizer``: tools through the chat template when
-        the template renders them, else in the system prompt. Call it before ``fingerprint``."""
+        the template renders them, else in the system prompt. Call it before ``digest``."""
         if self.tool_render == "none":
             return self
         mode = "template" if renders_tools(tokenizer) else "system_prompt"

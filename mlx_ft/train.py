@@ -1,7 +1,7 @@
 """``mlxft train``: mlx-lm's own trainer, wrapped with preflight checks, guards and checkpoints.
 
 We do not re-implement the training loop: ``mlx_lm.tuner.trainer.train`` runs every step. What
-mlxft adds sits around it -- checks before the first step (seeds 000/001: nothing trainable, bad
+mlxft adds sits around it -- checks before the first step (nothing trainable, bad
 data, examples whose tool call would be cut off), a callback that stops on NaN or divergence,
 and, every ``save_every`` steps, a checkpoint folder that ``mlx_lm.load(base, adapter_path=...)``
 loads as is, with its manifest written last so a folder without one is incomplete by definition.

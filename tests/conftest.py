@@ -131,6 +131,8 @@ TINY_ARCHS = {
                   "mlp_only_layers": [], "moe_intermediate_size": 64, "norm_topk_prob": True},
     "gemma3_text": {"model_type": "gemma3_text", "query_pre_attn_scalar": 16, "sliding_window": 32,
                     "sliding_window_pattern": 2, "rope_local_base_freq": 10000.0},
+    # a mixture of experts that flattens [batch, tokens] before routing (the batched engine must follow)
+    "olmoe": {"model_type": "olmoe", "num_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 64},
 }
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from mlx_ft.engines import Reply
-from mlx_ft.evaluate import prepare
+from mlx_ft.evaluate import bind, prepare
 from mlx_ft.files import write_json
 from mlx_ft.suite import load_suite
 from mlx_ft.targets import Target
@@ -50,7 +50,8 @@ def reply_for(prompt, kind: str) -> tuple[str, str]:
 
 
 def write_eval(suite, target: Target, quality: float, rng, *, seconds: float, engine: dict) -> dict:
-    (ev,) = prepare([target], suite)
+    bound, parser = bind(suite, None)  # no tokenizer: tools in the system prompt, JSON calls
+    (ev,) = prepare([target], bound, parser)
     for p in suite.prompts:
         u = rng.random()
         kind = "ok" if u < quality else ["unwrapped", "prose", "think", "wrong_tool"][int(rng.integers(0, 4))]

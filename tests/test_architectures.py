@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import pytest
 
@@ -19,7 +20,7 @@ from .conftest import DATA, TINY_ARCHS, tiny_model
 
 pytestmark = pytest.mark.slow
 
-CASES = [(arch, bits) for arch in TINY_ARCHS for bits in (None, 4)]
+CASES = [(arch, bits) for arch in TINY_ARCHS for bits in (None, 4)] + [("qwen3_moe", 8)]  # + the seed user's, 8-bit
 PROMPTS = [[{"role": "user", "content": "What is the weather in Paris?"}],
            [{"role": "user", "content": "Book a table for two at 7pm, please."}]]
 MAX_TOKENS = 10
@@ -33,6 +34,30 @@ def data(tmp_path_factory):
         rows = (DATA / f"{split}.jsonl").read_text().splitlines()
         (out / f"{split}.jsonl").write_text("\n".join(sorted(rows, key=len)[:2]) + "\n")  # the 2 shortest
     return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_tokenizer():
+    """Every tiny model carries the same tokenizer files; parse them once (each load costs ~0.6 s,
+    four per case: half the matrix's time). Models, adapters and configs are all loaded for real."""
+    import hashlib
+
+    import mlx_lm.utils
+
+    real, cache = mlx_lm.utils.load_tokenizer, {}
+
+    def cached(model_path, tokenizer_config_extra=None, eos_token_ids=None):
+        files = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+        key = (hashlib.sha256(b"".join((Path(model_path) / f).read_bytes() for f in files
+                                       if (Path(model_path) / f).is_file())).hexdigest(),
+               json.dumps(tokenizer_config_extra, sort_keys=True), str(eos_token_ids))
+        if key not in cache:
+            cache[key] = real(model_path, tokenizer_config_extra, eos_token_ids=eos_token_ids)
+        return cache[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(mlx_lm.utils, "load_tokenizer", cached)
+        yield
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -77,7 +102,7 @@ def _logprobs(model, tokens, start):
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
 
-@pytest.mark.parametrize("arch, bits", CASES, ids=[f"{a}-{'q4' if b else 'float'}" for a, b in CASES])
+@pytest.mark.parametrize("arch, bits", CASES, ids=[f"{a}-{f'q{b}' if b else 'float'}" for a, b in CASES])
 def test_train_eval_fuse(arch, bits, tmp_path, data, embedded_model):
     import mlx.core as mx
     from mlx_lm import load
@@ -87,7 +112,7 @@ def test_train_eval_fuse(arch, bits, tmp_path, data, embedded_model):
     from mlx_ft.fuse import fuse
     from mlx_ft.train import load_config, train
 
-    row = RESULTS.setdefault(f"{arch} {'4-bit' if bits else 'float'}", {})
+    row = RESULTS.setdefault(f"{arch} {f'{bits}-bit' if bits else 'float'}", {})
     t0 = time.perf_counter()
     base = tiny_model(tmp_path / "base", arch, embedded_model, bits)
 
@@ -140,11 +165,12 @@ def test_train_eval_fuse(arch, bits, tmp_path, data, embedded_model):
     row["seconds"] = round(time.perf_counter() - t0, 1)
 
 
-def test_moe_rows_route_to_their_own_adapters_experts(tmp_path, embedded_model):
+@pytest.mark.parametrize("arch", ["qwen3_moe", "olmoe"])
+def test_moe_rows_route_to_their_own_adapters_experts(tmp_path, embedded_model, arch):
     """A mixture-of-experts adapter (LoRASwitchLinear: one LoRA pair per expert) in the batched
     engine: rows of the base and of two adapters in one batch give, row by row, mlx-lm's own logits
     for that adapter -- in prefill (>= 64 token-expert pairs: mlx-lm sorts them by expert) and in
-    single-token decode (unsorted)."""
+    single-token decode (unsorted); olmoe flattens the batch before its router and experts."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm import load
@@ -153,7 +179,7 @@ def test_moe_rows_route_to_their_own_adapters_experts(tmp_path, embedded_model):
 
     from mlx_ft import batched
 
-    base = tiny_model(tmp_path / "moe", "qwen3_moe", embedded_model, 4)
+    base = tiny_model(tmp_path / "moe", arch, embedded_model, 4)
     adapters = []
     for seed in (1, 2):
         m = load_model(base)[0]

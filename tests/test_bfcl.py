@@ -166,7 +166,7 @@ def test_bind_renders_bfcl_functions_through_a_template_that_takes_tools():
     assert tools[0]["type"] == "function" and tools[0]["function"]["name"] == p.functions[0]["name"]
     assert tools[0]["function"]["parameters"]["type"] == "object"  # BFCL's "dict", as JSON Schema names it
     assert native.messages(p) == [dict(m) for m in p.messages]
-    assert native.fingerprint() != suite.fingerprint()
+    assert native.digest() != suite.digest()
     assert suite.bind(Ignores()).tool_render == "system_prompt"
 
 

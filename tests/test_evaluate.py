@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mlx_ft.errors import EvalError, ServerError, UserError, WrongModelError
-from mlx_ft.evaluate import evaluate_targets as evaluate
+from mlx_ft.evaluate import evaluate_targets
 from mlx_ft.results import load_results
 from mlx_ft.targets import run_targets
 from mlx_ft.files import write_json
@@ -18,6 +18,11 @@ from mlx_ft.suite import load_suite
 from .conftest import SUITE
 
 suite = load_suite(SUITE)
+
+
+def evaluate(*args, **kw):
+    """The eval of fake models: no tokenizer on disk (tools in the system prompt, JSON calls)."""
+    return evaluate_targets(*args, tokenizer_loader=lambda model: None, **kw)
 W = '<tool_call>{"name": "execute_code", "arguments": {"code": "%s"}}</tool_call>'
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from mlx_ft import memory
-from mlx_ft.memory import InsufficientMemoryError, check_memory, estimate, model_size
+from mlx_ft.errors import ModelError
+from mlx_ft.memory import check_memory, estimate, model_size
 
 from .conftest import tiny_model
 
@@ -80,8 +81,8 @@ def test_check_memory_logs_and_refuses_before_loading(tiny, monkeypatch):
     path = tiny[("llama", 4)]
     lines = []
     parts = check_memory("eval", path, log=lines.append, available=10**12, rows=8, tokens=512)
-    assert "GB on disk" in lines[0] and "eval: estimated peak memory" in lines[1] and parts["total"] > 0
-    with pytest.raises(InsufficientMemoryError, match=r"train: estimated peak memory .* it would not fit.*"
+    assert "MB on disk" in lines[0] and "eval: estimated peak memory" in lines[1] and parts["total"] > 0
+    with pytest.raises(ModelError, match=r"train: estimated peak memory .* it would not fit.*"
                                                       r"largest part is logits: lower batch_size") as e:
         check_memory("train", path, available=10**6, batch_size=8, seq_len=4096)
     assert e.value.exit_code == 2

@@ -52,11 +52,11 @@ def test_format_version_is_checked(tmp_path):
         load_suite(copy_suite(tmp_path, edit))
 
 
-def test_fingerprint_changes_with_the_prompts(tmp_path):
+def test_digest_changes_with_the_prompts(tmp_path):
     def edit(d):
         d["prompts"][0]["user"] = "Open docs/other.md"
 
-    assert load_suite(copy_suite(tmp_path, edit)).fingerprint() != load_suite(SUITE).fingerprint()
+    assert load_suite(copy_suite(tmp_path, edit)).digest() != load_suite(SUITE).digest()
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path):
@@ -116,15 +116,15 @@ def test_native_tools_go_to_the_system_prompt_when_the_template_ignores_them(tmp
     assert s.tool_render == "system_prompt" and s.tools(p) is None
     system = s.messages(p)[0]["content"]
     assert system.startswith("You are a coding agent.") and '"name": "git_log"' in system
-    assert s.fingerprint() != load_suite(write(tmp_path, NATIVE)).fingerprint()
+    assert s.digest() != load_suite(write(tmp_path, NATIVE)).digest()
     assert s.record() == {"tool_render": "system_prompt", "tool_format": "auto"}
 
 
-def test_name_params_suites_render_nothing_and_keep_their_fingerprint():
+def test_name_params_suites_render_nothing_and_keep_their_digest():
     s = load_suite(SUITE)
     assert s.tools(s.prompts[0]) is None and s.tool_render == "none"
     assert s.bind(Renders()) is s
-    assert s.fingerprint() == "e16cde1ea6cdc510"  # results written before native tools existed stay valid
+    assert s.digest() == "e16cde1ea6cdc510"  # results written before native tools existed stay valid
 
 
 def test_native_tool_problems_are_reported(tmp_path):
