@@ -91,15 +91,7 @@ def train(config_path, seeds, smoke, smoke_steps, resume, force, ranks, hostfile
         emit(result, as_json, f"smoke test passed: loss {result['loss_first']} -> {result['loss_last']} "
                               f"over {result['steps']} steps")
         return
-    configs = [cfg]
-    if seeds:
-        import dataclasses
-
-        try:
-            values = [int(s) for s in seeds.split(",") if s.strip()]
-        except ValueError:
-            raise click.BadParameter(f"{seeds!r}: expected integers like 1,2,3", param_hint="--seeds") from None
-        configs = [dataclasses.replace(cfg, seed=s, name=f"{cfg.name}-s{s}") for s in values]
+    configs = _seed_configs(cfg, seeds) if seeds else [cfg]
     if worker:
         trainmod.train(cfg, log=log, worker=True)
         return
@@ -126,6 +118,17 @@ def train(config_path, seeds, smoke, smoke_steps, resume, force, ranks, hostfile
     emit(results if seeds else results[0], as_json,
          "\n".join(f"{r['run']}: {r['status']}, {len(r['checkpoints'])} checkpoints, {r['train_seconds']} s"
                    for r in results))
+
+
+def _seed_configs(cfg, seeds: str) -> list:
+    """One config per seed of ``--seeds 1,2,3``, each run named NAME-sSEED."""
+    import dataclasses
+
+    try:
+        values = [int(s) for s in seeds.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{seeds!r}: expected integers like 1,2,3", param_hint="--seeds") from None
+    return [dataclasses.replace(cfg, seed=s, name=f"{cfg.name}-s{s}") for s in values]
 
 
 def _train_spread(configs, hostfile, force: bool) -> None:

@@ -75,7 +75,8 @@ class BatchedEngine:
         self.multi = None
 
     def details(self) -> dict:
-        return {"name": self.name, "rows": self.stats.get("rows"), "waves": self.stats.get("waves")}
+        return {"name": self.name, "targets": len(self.slot), "rows": self.stats.get("rows"),
+                "waves": self.stats.get("waves")}
 
     def probe(self, targets: list) -> dict[str, dict]:
         """Every target's probe, one row per slot, all in one batch through the same routing."""

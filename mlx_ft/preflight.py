@@ -13,9 +13,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlx.utils import tree_flatten
+from mlx_lm.tuner import utils as tuner_utils
+from mlx_lm.utils import load
+
 from mlx_ft import data as datamod
 from mlx_ft.errors import ConfigError, DataError, TrainingError
+from mlx_ft.memory import check_memory
+from mlx_ft.models import resolve_model
 from mlx_ft.recipe import TrainConfig, lora_parameters
+from mlx_ft.suite import load_suite
 
 
 @dataclass
@@ -33,12 +40,6 @@ class Prepared:
 
 def prepare(cfg: TrainConfig, log: Callable[[str], None]) -> Prepared:
     """Everything that can fail before the first step does fail here, loudly."""
-    from mlx.utils import tree_flatten
-    from mlx_lm.tuner.utils import linear_to_lora_layers
-    from mlx_lm.utils import load
-
-    from mlx_ft.models import resolve_model
-
     splits = datamod.load_splits(cfg.data)
     for split, rows in splits.items():
         if len(rows) < cfg.batch_size:
@@ -47,14 +48,25 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None]) -> Prepared:
                 f"{len(rows)} example(s) but batch_size is {cfg.batch_size}; add examples or lower batch_size",
             )
     model_path = resolve_model(cfg.model, log=log)
+    check_memory("train", model_path, log=log, batch_size=cfg.batch_size, seq_len=cfg.max_seq_length,
+                 lora_rank=cfg.lora.rank, lora_layers=cfg.num_layers)
     model, tokenizer = load(str(model_path))
-    warnings = []
     template = f"the chat template of {model_path.name}"
     rendered = [f"{split}.jsonl {p}" for split, rows in splits.items()
                 for p in datamod.answer_problems(rows, tokenizer, template)]
     if rendered:
         raise DataError(cfg.data, rendered)
+    lengths, warnings = _check_lengths(cfg, splits, tokenizer)
+    if cfg.eval_suite:
+        suite = load_suite(cfg.eval_suite)
+        warnings.extend(f"{cfg.eval_suite}: {w}" for w in compare_with_eval(splits["train"], suite, tokenizer))
+    trainable, total = _make_trainable(cfg, model)
+    return Prepared(cfg, model_path, model, tokenizer, splits, lengths, trainable, total, warnings)
 
+
+def _check_lengths(cfg: TrainConfig, splits: dict, tokenizer) -> tuple[datamod.LengthReport, list[str]]:
+    """Prompts that leave nothing to train on are refused; answers cut by max_seq_length too,
+    unless allowed (then a warning)."""
     lengths = datamod.length_report(splits["train"] + splits["valid"], tokenizer, cfg.max_seq_length)
     n_train = len(splits["train"])
 
@@ -69,22 +81,20 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None]) -> Prepared:
             f"{cfg.max_seq_length} tokens ({where(lengths.prompt_overflow)}): nothing of the answer is "
             "left to train on and mlx-lm's loss becomes NaN; raise max_seq_length or shorten the prompts",
         )
-    if lengths.truncated:
-        msg = (
-            f"{len(lengths.truncated)} example(s) are longer than max_seq_length={cfg.max_seq_length} "
-            f"(longest {lengths.max_tokens} tokens; {where(lengths.truncated)}): mlx-lm keeps only the head, "
-            "cutting off the end of the answer"
-        )
-        if not cfg.allow_truncation:
-            raise ConfigError(cfg.data, msg + "; raise max_seq_length, or pass --allow-truncation to accept it")
-        warnings.append(msg)
+    if not lengths.truncated:
+        return lengths, []
+    msg = (
+        f"{len(lengths.truncated)} example(s) are longer than max_seq_length={cfg.max_seq_length} "
+        f"(longest {lengths.max_tokens} tokens; {where(lengths.truncated)}): mlx-lm keeps only the head, "
+        "cutting off the end of the answer"
+    )
+    if not cfg.allow_truncation:
+        raise ConfigError(cfg.data, msg + "; raise max_seq_length, or pass --allow-truncation to accept it")
+    return lengths, [msg]
 
-    if cfg.eval_suite:
-        from mlx_ft.suite import load_suite
 
-        suite = load_suite(cfg.eval_suite)
-        warnings.extend(f"{cfg.eval_suite}: {w}" for w in compare_with_eval(splits["train"], suite, tokenizer))
-
+def _make_trainable(cfg: TrainConfig, model) -> tuple[int, int]:
+    """Freeze the model, then open what the config trains; (trainable, total) parameters."""
     model.freeze()
     if cfg.num_layers > len(model.layers):
         raise ConfigError("config", f"num_layers: {cfg.num_layers} but the model has only {len(model.layers)} layers")
@@ -92,7 +102,12 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None]) -> Prepared:
         for layer in model.layers[-max(cfg.num_layers, 0):]:
             layer.unfreeze()
     else:
-        linear_to_lora_layers(model, cfg.num_layers, lora_parameters(cfg), use_dora=cfg.fine_tune_type == "dora")
+        try:
+            tuner_utils.linear_to_lora_layers(model, cfg.num_layers, lora_parameters(cfg),
+                                              use_dora=cfg.fine_tune_type == "dora")
+        except ValueError as e:  # e.g. "QuantizedSwitchLinear doesn't support DoRA yet."
+            raise ConfigError("config", f"fine_tune_type: {cfg.fine_tune_type} cannot adapt this model ({e}); "
+                                        "use fine_tune_type: lora") from None
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     total = sum(v.size for _, v in tree_flatten(model.parameters()))
     if trainable == 0:
@@ -100,7 +115,7 @@ def prepare(cfg: TrainConfig, log: Callable[[str], None]) -> Prepared:
             "no trainable parameters: every weight is frozen, training would learn nothing; "
             "check fine_tune_type and num_layers"
         )
-    return Prepared(cfg, model_path, model, tokenizer, splits, lengths, trainable, total, warnings)
+    return trainable, total
 
 
 def compare_with_eval(rows: list[dict], suite, tokenizer) -> list[str]:

@@ -150,7 +150,8 @@ def eval_seconds(evals: dict[str, dict]) -> tuple[dict[str, object], float | Non
     the batch's wall time once."""
     cells, batch = {}, None
     for n, rec in evals.items():
-        if rec.get("engine", {}).get("name") == "batched":
+        engine = rec.get("engine", {})
+        if engine.get("name") == "batched" and engine.get("targets", 2) > 1:
             cells[n] = "batch"
             batch = max(batch or 0.0, rec["seconds"])
         else:
@@ -166,9 +167,20 @@ def _reason_md(reason: str) -> list[str]:
 def build_report(run_dir: str | Path, suite: str = "tools", compare: list | None = None, *,
                  data: dict | None = None, png: str | None = None, html_name: str | None = None) -> str:
     data = data or gather(run_dir, suite, compare)
-    run_dir, run, evals, best, metrics = Path(data["run_dir"]), data["run"], data["evals"], data["best"], data["metrics"]
-    cfg = run["config"]
-    out = [f"# mlxft report: {run_dir.name}", ""]
+    out = _header(data, png, html_name) + _training_md(data["metrics"])
+    if data["evals"]:
+        out += _checkpoints_md(data) + _categories_md(data["evals"]) + _prompts_md(data)
+    if data["compare"]:
+        out += ["", "## Comparison", ""]
+        rows = [comparison_row(Path(data["run_dir"]), data["suite"])] + [
+            comparison_row(Path(p), data["suite"]) for p in data["compare"]]
+        out.append(table(["Phase", "Model", "Val Loss", "Score", "Strict", "Primary Failure"], rows, markdown=True))
+    return "\n".join(out) + "\n"
+
+
+def _header(data: dict, png: str | None, html_name: str | None) -> list[str]:
+    run, best, cfg = data["run"], data["best"], data["run"]["config"]
+    out = [f"# mlxft report: {Path(data['run_dir']).name}", ""]
     out.append(f"Model `{run['model_path']}`, {cfg['fine_tune_type']} on {cfg['num_layers']} layers, lr "
                f"{num(cfg['learning_rate'])}, batch {cfg['batch_size']}, {cfg['iters']} iters, seed {cfg['seed']}; "
                f"status {run.get('status')}, {run.get('train_seconds')} s of training. "
@@ -180,64 +192,68 @@ def build_report(run_dir: str | Path, suite: str = "tools", compare: list | None
         out += ["", f"**Chosen: {best['chosen']['name']}** — " + "\n".join(_reason_md(best["reason"]))]
     if png:
         out += ["", f"![eval score, strict pass (95% CI) and val loss per checkpoint]({png})"]
+    return out
 
-    out += ["", "## Training curve", ""]
+
+def _training_md(metrics: list[dict]) -> list[str]:
     train = [m for m in metrics if "train_loss" in m]
     val = [m for m in metrics if "val_loss" in m]
-    out.append(f"train loss {sparkline([m['train_loss'] for m in train])}  ")
-    out.append(f"val loss {sparkline([m['val_loss'] for m in val])}")
-    out.append("")
+    out = ["", "## Training curve", "", f"train loss {sparkline([m['train_loss'] for m in train])}  ",
+           f"val loss {sparkline([m['val_loss'] for m in val])}", ""]
     out.append(table(["step", "train loss", "val loss", "lr", "tokens/s"],
                      [[m["step"], m.get("train_loss"), m.get("val_loss"), num(m.get("learning_rate")),
                        m.get("tokens_per_second")] for m in metrics
                       if "val_loss" in m or m["step"] % max(1, len(train) // 20) == 0], markdown=True))
+    return out
 
-    if evals:
-        names = list(evals)
-        out += ["", f"## Checkpoints on `{data['suite']}`", ""]
-        chosen = best["chosen"]["name"] if best else None
-        vpick = best["val_loss_pick"]["name"] if best and best.get("val_loss_pick") else None
-        guard = best.get("guard") if best else None
-        guard_evals = _evals(run_dir, guard["suite"]) if guard else {}
-        secs, batch = eval_seconds(evals)
-        rows = []
-        for n, rec in evals.items():
-            s, t = rec["summary"], rec["target"]
-            mark = " ".join(x for x, hit in (("eval pick", n == chosen), ("val-loss pick", n == vpick),
-                                             ("excluded by guard", guard and n in guard["excluded"])) if hit)
-            row = [n, t["step"], t["val_loss"], pct(s["score"]), pct(s["pass_rate"]), primary_failure(s["codes"])]
-            if guard:
-                row.append(pct(guard_evals[n]["summary"]["pass_rate"]) if n in guard_evals else "-")
-            rows.append(row + [secs[n], mark])
-        heads = ["checkpoint", "step", "val loss", "score", "strict", "primary failure"]
-        heads += [f"{guard['suite']} pass"] if guard else []
-        out.append(table(heads + ["eval s", ""], rows, markdown=True))
-        if batch is not None:
-            out += ["", (f"eval s: 'batch' marks targets the batched engine evaluated together in one batch, "
-                         f"which took {batch:.1f} s in all; a per-checkpoint time does not exist there.")]
-        cats = list(evals[names[0]]["summary"]["categories"])
-        out += ["", "## Per category (rubric score)", ""]
-        out.append(table(["category"] + names,
-                         [[c] + [pct(evals[n]["summary"]["categories"].get(c, {}).get("score")) for n in names]
-                          for c in cats], markdown=True))
-        shown = [n for n in ("base", chosen) if n in evals] or names[:1]
-        out += ["", f"## Per prompt ({', '.join(shown)})", ""]
-        rows = []
-        for i, r0 in enumerate(evals[shown[0]]["results"]):
-            row = [r0["id"], r0["category"]]
-            for n in shown:
-                r = evals[n]["results"][i]
-                row += [f"{r['value']:.1f} {r['code']}", excerpt(r["text"], 60)]
-            rows.append(row)
-        heads = ["prompt", "category"] + [h for n in shown for h in (f"{n} score", f"{n} output")]
-        out.append(table(heads, rows, markdown=True))
 
-    if data["compare"]:
-        out += ["", "## Comparison", ""]
-        rows = [comparison_row(run_dir, data["suite"])] + [comparison_row(Path(p), data["suite"])
-                                                           for p in data["compare"]]
-        out.append(table(["Phase", "Model", "Val Loss", "Score", "Strict", "Primary Failure"], rows, markdown=True))
-    return "\n".join(out) + "\n"
+def _checkpoints_md(data: dict) -> list[str]:
+    evals, best = data["evals"], data["best"]
+    out = ["", f"## Checkpoints on `{data['suite']}`", ""]
+    chosen = best["chosen"]["name"] if best else None
+    vpick = best["val_loss_pick"]["name"] if best and best.get("val_loss_pick") else None
+    guard = best.get("guard") if best else None
+    guard_evals = _evals(Path(data["run_dir"]), guard["suite"]) if guard else {}
+    secs, batch = eval_seconds(evals)
+    rows = []
+    for n, rec in evals.items():
+        s, t = rec["summary"], rec["target"]
+        mark = " ".join(x for x, hit in (("eval pick", n == chosen), ("val-loss pick", n == vpick),
+                                         ("excluded by guard", guard and n in guard["excluded"])) if hit)
+        row = [n, t["step"], t["val_loss"], pct(s["score"]), pct(s["pass_rate"]), primary_failure(s["codes"])]
+        if guard:
+            row.append(pct(guard_evals[n]["summary"]["pass_rate"]) if n in guard_evals else "-")
+        rows.append(row + [secs[n], mark])
+    heads = ["checkpoint", "step", "val loss", "score", "strict", "primary failure"]
+    heads += [f"{guard['suite']} pass"] if guard else []
+    out.append(table(heads + ["eval s", ""], rows, markdown=True))
+    if batch is not None:
+        out += ["", (f"eval s: 'batch' marks targets the batched engine evaluated together in one batch, "
+                     f"which took {batch:.1f} s in all; a per-checkpoint time does not exist there.")]
+    return out
+
+
+def _categories_md(evals: dict[str, dict]) -> list[str]:
+    names = list(evals)
+    cats = list(evals[names[0]]["summary"]["categories"])
+    return ["", "## Per category (rubric score)", "",
+            table(["category"] + names, [[c] + [pct(evals[n]["summary"]["categories"].get(c, {}).get("score"))
+                                                for n in names] for c in cats], markdown=True)]
+
+
+def _prompts_md(data: dict) -> list[str]:
+    evals, best = data["evals"], data["best"]
+    chosen = best["chosen"]["name"] if best else None
+    shown = [n for n in ("base", chosen) if n in evals] or list(evals)[:1]
+    rows = []
+    for i, r0 in enumerate(evals[shown[0]]["results"]):
+        row = [r0["id"], r0["category"]]
+        for n in shown:
+            r = evals[n]["results"][i]
+            row += [f"{r['value']:.1f} {r['code']}", excerpt(r["text"], 60)]
+        rows.append(row)
+    heads = ["prompt", "category"] + [h for n in shown for h in (f"{n} score", f"{n} output")]
+    return ["", f"## Per prompt ({', '.join(shown)})", "", table(heads, rows, markdown=True)]
 
 
 def write_report(run_dir: str | Path, suite: str = "tools", compare: list | None = None,

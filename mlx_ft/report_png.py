@@ -31,47 +31,55 @@ def write_png(data: dict, path: Path, *, log: Callable[[str], None] = lambda s: 
 
     series = checkpoint_series(data["evals"])
     best = data.get("best") or {}
-    steps = [p["step"] for p in series]
+    by = {p["name"]: p for p in series}
     fig, ax = plt.subplots(figsize=(8, 4.6), dpi=110)
     try:
-        ax.plot(steps, [p["score"] for p in series], "o-", color="#1565c0", label="eval score")
-        ax.errorbar([s + 0.6 for s in steps], [p["strict"] for p in series],
-                    yerr=[[p["strict"] - p["lo"] for p in series], [p["hi"] - p["strict"] for p in series]],
-                    fmt="s", color="#2e7d32", capsize=3, markersize=4, label="strict pass (95% CI)")
-        by = {p["name"]: p for p in series}
-        chosen = (best.get("chosen") or {}).get("name")
-        if chosen in by:
-            ax.plot([by[chosen]["step"]], [by[chosen]["score"]], "o", ms=14, mfc="none", mec="#1565c0")
-            ax.annotate("eval pick", (by[chosen]["step"], by[chosen]["score"]), textcoords="offset points",
-                        xytext=(0, 10), ha="center", fontsize=8)
-        for f in data.get("fused", []):
-            if f.get("source") in by:
-                ax.plot([by[f["source"]]["step"] + 1.5], [f["score"]], "^", color="#c2185b",
-                        label=f"fused: {f['name']}")
-        ax.set_ylim(0, 1.05)
-        ax.set_xlabel("step")
-        ax.set_ylabel("eval score / strict pass")
+        _scores(ax, series, by, best, data.get("fused", []))
         with_loss = [p for p in series if p["val_loss"] is not None]
         if with_loss:
-            ax2 = ax.twinx()
-            ax2.plot([p["step"] for p in with_loss], [p["val_loss"] for p in with_loss], "d--", color="#ef6c00",
-                     label="val loss")
-            vpick = (best.get("val_loss_pick") or {}).get("name")
-            if vpick in by and by[vpick]["val_loss"] is not None:
-                ax2.annotate("val-loss pick", (by[vpick]["step"], by[vpick]["val_loss"]), textcoords="offset points",
-                             xytext=(0, -14), ha="center", fontsize=8)
-            ax2.set_ylabel("val loss")
-            ax2.set_ylim(0, max(p["val_loss"] for p in with_loss) * 1.1)
-            h1, l1 = ax.get_legend_handles_labels()
-            h2, l2 = ax2.get_legend_handles_labels()
-            ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4,
-                      frameon=False)
+            _val_loss(ax, with_loss, by, best)
         ax.set_title(f"{data['name']}: checkpoints on {data['suite']}")
         fig.tight_layout()
         _save_atomic(fig, Path(path))
     finally:
         plt.close(fig)
     return True
+
+
+def _scores(ax, series: list[dict], by: dict, best: dict, fused: list[dict]) -> None:
+    """Left axis: eval score, strict pass with whiskers, the eval pick, fused models."""
+    steps = [p["step"] for p in series]
+    ax.plot(steps, [p["score"] for p in series], "o-", color="#1565c0", label="eval score")
+    ax.errorbar([s + 0.6 for s in steps], [p["strict"] for p in series],
+                yerr=[[p["strict"] - p["lo"] for p in series], [p["hi"] - p["strict"] for p in series]],
+                fmt="s", color="#2e7d32", capsize=3, markersize=4, label="strict pass (95% CI)")
+    chosen = (best.get("chosen") or {}).get("name")
+    if chosen in by:
+        ax.plot([by[chosen]["step"]], [by[chosen]["score"]], "o", ms=14, mfc="none", mec="#1565c0")
+        ax.annotate("eval pick", (by[chosen]["step"], by[chosen]["score"]), textcoords="offset points",
+                    xytext=(0, 10), ha="center", fontsize=8)
+    for f in fused:
+        if f.get("source") in by:
+            ax.plot([by[f["source"]]["step"] + 1.5], [f["score"]], "^", color="#c2185b", label=f"fused: {f['name']}")
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("step")
+    ax.set_ylabel("eval score / strict pass")
+
+
+def _val_loss(ax, with_loss: list[dict], by: dict, best: dict) -> None:
+    """Right axis: val loss and the val-loss pick; one legend for both axes."""
+    ax2 = ax.twinx()
+    ax2.plot([p["step"] for p in with_loss], [p["val_loss"] for p in with_loss], "d--", color="#ef6c00",
+             label="val loss")
+    vpick = (best.get("val_loss_pick") or {}).get("name")
+    if vpick in by and by[vpick]["val_loss"] is not None:
+        ax2.annotate("val-loss pick", (by[vpick]["step"], by[vpick]["val_loss"]), textcoords="offset points",
+                     xytext=(0, -14), ha="center", fontsize=8)
+    ax2.set_ylabel("val loss")
+    ax2.set_ylim(0, max(p["val_loss"] for p in with_loss) * 1.1)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4, frameon=False)
 
 
 def _save_atomic(fig, path: Path) -> None:

@@ -320,7 +320,7 @@ def seed_table(run_dirs: Sequence[str | Path], suite: str = "tools", metric: str
     if picks is None:
         picks = [pick_best(r, suite, metric, confirm_split, bootstrap, guard=guard, alpha=alpha) for r in run_dirs]
     if len(picks) != len(run_dirs):
-        raise ValueError("seed_table: one pick per run")
+        raise UserError(f"seed_table: {len(picks)} pick(s) for {len(run_dirs)} run(s); give one pick per run")
     scores = np.array([p["chosen"]["score" if metric == "score" else "strict_pass"] for p in picks])
     mean = float(scores.mean())
     if len(scores) > 1:

@@ -174,6 +174,26 @@ def load_suite(path: str | Path) -> Suite:
     problems: list[str] = []
     head = cfgmod.collect(_File, {**raw, "tools": (), "prompts": ()}, "", problems)  # first: it checks itself
     tools = [_tool(i, t, problems) for i, t in enumerate(raw.get("tools") or [])]
+    prompts = _prompts(raw, problems)
+    if "format" in raw and raw["format"] != FORMAT:
+        problems.append(f"format: {raw['format']!r} is not supported; this mlxft reads {FORMAT!r}")
+    if not raw.get("tools"):
+        problems.append("tools: required, a list of {name, params} or of JSON schemas {name, description, parameters}")
+    if not raw.get("prompts"):
+        problems.append("prompts: required, a non-empty list")
+    tools = [t for t in tools if t]
+    prompts = [p for p in prompts if p is not None]
+    _check_expectations(prompts, tools, problems)
+    _check_wrapper(head.rubric if head else None, prompts, tools, problems)
+    if problems:
+        raise ConfigError(path, problems)
+    render = "template" if any(t.parameters is not None for t in tools) else "none"
+    return Suite(name=head.name, format=head.format, system_prompt=head.system_prompt, toolset=tuple(tools),
+                 prompts=tuple(prompts), generation=head.generation, rubric=head.rubric, path=str(path),
+                 tool_format=head.tool_format, tool_render=render)
+
+
+def _prompts(raw: dict, problems: list[str]) -> list[Prompt | None]:
     prompts = []
     for i, p in enumerate(raw.get("prompts") or []):
         label = f"prompts[{i}]" + (f" ({p.get('id')})" if isinstance(p, dict) and p.get("id") else "")
@@ -184,19 +204,14 @@ def load_suite(path: str | Path) -> Suite:
             problems.append(f"{label}.expect: required mapping with at least 'tool'")
             continue
         prompts.append(cfgmod.collect(Prompt, {**p, "expect": p["expect"]}, f"{label}.", problems))
-    if "format" in raw and raw["format"] != FORMAT:
-        problems.append(f"format: {raw['format']!r} is not supported; this mlxft reads {FORMAT!r}")
-    if not raw.get("tools"):
-        problems.append("tools: required, a list of {name, params} or of JSON schemas {name, description, parameters}")
-    if not raw.get("prompts"):
-        problems.append("prompts: required, a non-empty list")
-    tools = [t for t in tools if t]
-    native = any(t.parameters is not None for t in tools)
+    return prompts
+
+
+def _check_expectations(prompts: list[Prompt], tools: list, problems: list[str]) -> None:
+    """Unique ids; every expected tool listed; every expected argument a parameter of its tool."""
     names = [t.name for t in tools]
     seen: set[str] = set()
     for p in prompts:
-        if p is None:
-            continue
         if p.id in seen:
             problems.append(f"prompts: duplicate id {p.id!r}; ids must be unique")
         seen.add(p.id)
@@ -207,18 +222,15 @@ def load_suite(path: str | Path) -> Suite:
         for arg in p.expect.args:
             if params and arg not in params:
                 problems.append(f"prompts ({p.id}).expect.args: {arg!r} is not a parameter of {p.expect.tool}")
-    rubric = head.rubric if head else None
+
+
+def _check_wrapper(rubric, prompts: list[Prompt], tools: list, problems: list[str]) -> None:
+    """The rubric's wrapper is shown to the model only as a schema, and is never itself expected."""
     listed = next((t for t in tools if rubric and t.name == rubric.wrapper), None)
     if listed is not None and listed.parameters is None:
         problems.append(f"rubric.wrapper: {rubric.wrapper!r} may be listed in tools only as a JSON schema "
                         "(name, description, parameters) to show it to the model through the chat template")
     for p in prompts:
-        if p is not None and rubric and rubric.wrapper in p.expect.tools:
+        if rubric and rubric.wrapper in p.expect.tools:
             problems.append(f"prompts ({p.id}).expect: {rubric.wrapper!r} is the rubric's wrapper; expect the tool "
                             "called inside it")
-    if problems:
-        raise ConfigError(path, problems)
-    render = "template" if native else "none"
-    return Suite(name=head.name, format=head.format, system_prompt=head.system_prompt, toolset=tuple(tools),
-                 prompts=tuple(prompts), generation=head.generation, rubric=head.rubric, path=str(path),
-                 tool_format=head.tool_format, tool_render=render)
