@@ -39,10 +39,12 @@ def eval_tables(records: list[dict]) -> str:
 @click.option("--limit", type=int, help="BFCL: a deterministic sample of N prompts, split evenly over categories.")
 @click.option("--run", "run_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Evaluate the run's base model (step 0) and every complete checkpoint.")
-@click.option("--model", help="Model folder to evaluate (default: the embedded model).")
+@click.option("--model", help="Model folder, or a Hugging Face repo id in the HF cache, to evaluate "
+                             "(default: the embedded model).")
 @click.option("--adapter", type=click.Path(file_okay=False, path_type=Path), help="Checkpoint folder to apply.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-              help="Where results go for --model/--adapter (default: next to the target).")
+              help="Where results go for --model/--adapter (default: next to the target; for a model in the "
+                   "Hugging Face cache, runs/models/<name>/evals).")
 @click.option("--engine", type=click.Choice(["batched", "server"]), default="batched", show_default=True,
               help="batched: every target of a base model in one in-process batch (fastest; greedy only). "
                    "server: an isolated mlx_lm.server per base model, targets one after another.")
@@ -87,6 +89,11 @@ def eval_cmd(suite_path, limit, run_dir, model, adapter, out, engine, port, conc
     if hostfile and port is not None:
         raise UserError("--port cannot be used with --hosts: each host picks its own free port")
     targets = run_targets(run_dir) if run_dir else [single_target(model, adapter, out)]
+    if run_dir:
+        from mlx_ft.preflight import eval_mismatches
+
+        for w in eval_mismatches(run_dir, suite):
+            log(f"WARNING: {suite.path}: {w}")
     if only:
         names = [n.strip() for n in only.split(",") if n.strip()]
         unknown = sorted(set(names) - {t.name for t in targets})

@@ -93,8 +93,8 @@ def pick_best_cmd(run_dir, run_dirs, suite, metric, confirm_split, bootstrap, pr
 @click.option("--run", "run_dir", type=click.Path(file_okay=False, path_type=Path),
               help="Fuse the checkpoint chosen in RUN/best.json.")
 @click.option("--adapter", type=click.Path(file_okay=False, path_type=Path), help="Or fuse this checkpoint.")
-@click.option("--model", type=click.Path(file_okay=False, path_type=Path),
-              help="Base model (default: the one the adapter was trained on).")
+@click.option("--model",
+              help="Base model folder or cached Hugging Face repo id (default: the one the adapter was trained on).")
 @click.option("--bits", type=int, default=5, show_default=True, help="2, 3, 4, 5, 6, 8, or 16 (no quantization).")
 @click.option("--group-size", type=int, default=32, show_default=True, help="32, 64 or 128.")
 @click.option("--recipe", type=click.Choice(["mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6"]),

@@ -34,7 +34,8 @@ def import_gguf_cmd(gguf: Path, out: Path, dtype: str, force: bool, as_json: boo
 @click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
               help="YAML training config; flags below override its keys.")
 @click.option("--name", help="Run name: output goes to RUNS_DIR/NAME.")
-@click.option("--model", help="Local MLX model folder. Default: the embedded SmolLM2-135M-Instruct.")
+@click.option("--model", help="Local MLX model folder, or a Hugging Face repo id (org/name[@revision]) already in the "
+                             "HF cache (never downloaded). Default: the embedded SmolLM2-135M-Instruct.")
 @click.option("--data", help="Folder with train.jsonl and valid.jsonl (mlx-lm chat format).")
 @click.option("--runs-dir", help="Where run folders go (default runs).")
 @click.option("--fine-tune-type", type=click.Choice(["lora", "dora", "full"]))
@@ -153,7 +154,8 @@ def _train_spread(configs, hostfile, force: bool) -> None:
 
 
 @click.command()
-@click.option("--model", help="Model folder that must be present (default: the embedded model).")
+@click.option("--model", help="Model folder or cached Hugging Face repo id that must be present (default: the "
+                             "embedded model); also prints its size and whether train/eval/fuse fit in memory.")
 @click.option("--data", help="Data folder that must hold train.jsonl.")
 @click.option("--hosts", "hostfile", type=click.Path(dir_okay=False, path_type=Path),
               help="Also check every host of an mlx.launch hostfile: reachable over ssh, the same "
@@ -169,6 +171,8 @@ def doctor(model, data, hostfile, as_json: bool) -> None:
 
     report = {**diagnose(), "paths": paths_report(model, data)}
     bad = bool(report["fix"]) or not all(p["present"] for p in report["paths"].values())
+    estimates = report["paths"].get("model", {}).get("estimates", {})
+    bad = bad or not all(e["fits"] for e in estimates.values())  # a stage that would not fit in memory
     if hostfile:
         from mlx_ft.hosts import load_hosts
 

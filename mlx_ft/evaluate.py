@@ -19,7 +19,7 @@ from pathlib import Path
 from mlx_lm.utils import load_tokenizer
 
 from mlx_ft.bfcl import load_bfcl
-from mlx_ft.engine_batched import BatchedEngine
+from mlx_ft.engine_batched import BatchedEngine, render
 from mlx_ft.engine_server import ServerEngine
 from mlx_ft.engines import ENGINES, Engine, Reply, Request
 from mlx_ft.errors import ServerError, UserError
@@ -27,6 +27,7 @@ from mlx_ft.files import append_jsonl, read_json, read_jsonl, write_json
 from mlx_ft.results import FORMAT, prompt_row, same_weights, suite_digest, summarize
 from mlx_ft.scoring import score
 from mlx_ft.server import Server
+from mlx_ft.memory import check_memory
 from mlx_ft.parsers import Parser, resolve_parser
 from mlx_ft.suite import load_suite
 from mlx_ft.targets import Target
@@ -182,7 +183,8 @@ def open_engine(engine: str, model: Path, group: list[Target], suite, *, port: i
 def evaluate_targets(targets: list[Target], suite, *, engine: str = "batched", port: int | None = None,
                      resume: bool = False, force: bool = False, concurrency: int = 256, server_factory=Server,
                      log: Log = lambda s: None, log_dir: Path | None = None,
-                     progress: Progress | None = None, tokenizer_loader=load_tokenizer) -> list[dict]:
+                     progress: Progress | None = None, tokenizer_loader=load_tokenizer,
+                     memory_check=check_memory) -> list[dict]:
     """Evaluate every target; results already complete for this suite and these weights are reused.
 
     ``engine="batched"`` (default): all targets of a base model in one in-process batch, up to
@@ -207,11 +209,21 @@ def evaluate_targets(targets: list[Target], suite, *, engine: str = "batched", p
         if engine == "server":
             check_server_can_score(tokenizer, model)
         evals = prepare(pending, bound, parser, resume=resume, log=log)  # before loading the model
+        _check_memory(memory_check, engine, model, tokenizer, bound, evals, concurrency, log)
         with open_engine(engine, model, pending, bound, port=port, concurrency=concurrency,
                          server_factory=server_factory, log=log, log_dir=log_dir) as eng:
             records.extend(run_engine(eng, evals, progress=progress))
     order = {t.name: i for i, t in enumerate(targets)}
     return sorted(records, key=lambda r: order.get(r["target"]["name"], 0))
+
+
+def _check_memory(memory_check, engine: str, model: Path, tokenizer, suite, evals: list[_TargetEval],
+                  concurrency: int, log: Log) -> None:
+    """Refuse an eval whose weights, adapters and KV cache would not fit, before loading anything."""
+    longest = max((len(render(tokenizer, suite, p)) for p in suite.prompts), default=0) if tokenizer else 2048
+    rows = sum(len(e.todo) for e in evals) if engine == "batched" else len(suite.prompts)
+    memory_check("eval", model, log=log, adapters=sum(e.target.adapter is not None for e in evals),
+                 rows=min(concurrency, max(rows, 1)), tokens=longest + suite.generation.max_tokens)
 
 
 def check_server_can_score(tokenizer, model: Path) -> None:

@@ -118,6 +118,21 @@ def _make_trainable(cfg: TrainConfig, model) -> tuple[int, int]:
     return trainable, total
 
 
+def eval_mismatches(run_dir: Path, suite) -> list[str]:
+    """``mlxft eval --run``'s check: what the run trained on (its data, rendered by its model's chat
+    template) against what this suite sends. Warnings only; none when the data is gone."""
+    from mlx_lm.utils import load_tokenizer
+
+    from mlx_ft import runs
+
+    run = runs.read_run(run_dir)
+    train_file = datamod.split_path(run["config"]["data"], "train")
+    if not train_file.is_file():
+        return []
+    rows = datamod.load_chat_jsonl(train_file)
+    return compare_with_eval(rows, suite, load_tokenizer(Path(run["model_path"])))
+
+
 def compare_with_eval(rows: list[dict], suite, tokenizer) -> list[str]:
     """Warnings where the eval sends something else than the training data showed the model: the
     system prompt, the tools (names and schemas), the rendered prompt before the user's request.

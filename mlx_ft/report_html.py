@@ -16,7 +16,8 @@ from mlx_ft.selection import wilson
 
 CODE_COLORS = {
     "ok": "#2e7d32", "extra_text": "#9ccc65", "unwrapped": "#fdd835", "missing_arg": "#ffb74d",
-    "wrong_arg_value": "#fb8c00", "wrong_tool": "#f4511e", "bad_json": "#c62828", "prose": "#8e24aa",
+    "wrong_arg_value": "#fb8c00", "wrong_tool": "#f4511e", "bad_json": "#c62828", "bad_format": "#ad1457",
+    "prose": "#8e24aa",
     "think_onset": "#5e35b1", "truncated": "#3949ab", "server_error": "#212121",
 }
 OTHER_COLOR = "#9e9e9e"

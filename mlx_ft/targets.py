@@ -14,7 +14,7 @@ from pathlib import Path
 from mlx_ft import runs
 from mlx_ft.errors import UserError
 from mlx_ft.files import read_json, sha256
-from mlx_ft.models import resolve_model
+from mlx_ft.models import identity, resolve_model
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,10 @@ def single_target(model: str | Path | None, adapter: str | Path | None, out: str
     for record in ("fused.json", "mlxft_import.json"):
         if (path / record).is_file():
             fp = read_json(path / record).get("fingerprint")
+    repo_id = identity(str(model) if model else None, path)["repo_id"]
+    if repo_id:  # a Hugging Face cache snapshot: named after the repo; never write into the cache
+        name = repo_id.split("/")[-1]
+        return Target(name, path, None, Path(out) if out else Path("runs") / "models" / name / "evals", None, fp)
     return Target(path.name, path, None, Path(out) if out else path / "evals", None, fp, None)
 
 

@@ -22,7 +22,7 @@ suite = load_suite(SUITE)
 
 def evaluate(*args, **kw):
     """The eval of fake models: no tokenizer on disk (tools in the system prompt, JSON calls)."""
-    return evaluate_targets(*args, tokenizer_loader=lambda model: None, **kw)
+    return evaluate_targets(*args, tokenizer_loader=lambda model: None, memory_check=lambda *a, **k: None, **kw)
 W = '<tool_call>{"name": "execute_code", "arguments": {"code": "%s"}}</tool_call>'
 
 
