@@ -108,15 +108,20 @@ def pick_best_cmd(run_dir, run_dirs, suite, metric, confirm_split, bootstrap, pr
               show_default=True,
               help="Serve the fused model with its quantized kernels, or its exact dequantized weights "
                    "(auto: dequantized on CPU, where quantized kernels are 10-15x slower).")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True,
+              help="Of the scales and biases (16-bit: --bits 5 is ~5.5 bits per weight, not 7) and unquantized tensors.")
+@click.option("--in-memory", is_flag=True,
+              help="Dequantize the whole base at once (the old way; needs the model in full precision in memory) "
+                   "instead of streaming it layer by layer.")
 @click.option("--force", is_flag=True, help="Replace an existing output folder (only once the new one is complete).")
 @click.option("--json", "as_json", is_flag=True)
 @errors
-def fuse_cmd(run_dir, adapter, model, bits, group_size, recipe, out, suite_path, no_eval, eval_kernels, force,
-             as_json):
+def fuse_cmd(run_dir, adapter, model, bits, group_size, recipe, out, suite_path, no_eval, eval_kernels, dtype,
+             in_memory, force, as_json):
     """Fuse a checkpoint into a full-precision base, quantize, and evaluate it beside the adapter."""
     from mlx_ft.fuse import check_args, compare_with_adapter, fuse, resolve_source
 
-    check_args(bits, group_size, recipe)
+    check_args(bits, group_size, recipe, dtype)
     suite = None
     if not no_eval:
         from mlx_ft.suite import load_suite
@@ -126,11 +131,11 @@ def fuse_cmd(run_dir, adapter, model, bits, group_size, recipe, out, suite_path,
     if out is None:
         stem = f"{adapter_path.parent.parent.name}-{adapter_path.name}-{'f' if bits == 16 else bits}"
         out = Path("fused_models") / (stem + ("" if bits == 16 else "bit"))
-    record = fuse(adapter_path, base, out, bits, group_size, recipe, force, log=log)
+    record = fuse(adapter_path, base, out, bits, group_size, recipe, force, log=log, dtype=dtype, in_memory=in_memory)
     if suite is not None:
         record["eval"] = compare_with_adapter(out, adapter_path, suite, kernels=eval_kernels, log=log)
-    lines = [f"{out}: {record['size_bytes'] / 1e6:.1f} MB, {bits} bits, fused in {record['seconds']} s, "
-             f"peak memory {record['peak_memory_gb']} GB",
+    lines = [f"{out}: {record['size_bytes'] / 1e6:.1f} MB, {bits} bits ({record['bits_per_weight']} per weight, "
+             f"{dtype}), fused {record['method']} in {record['seconds']} s, peak RSS {record['peak_rss_gb']} GB",
              f"adapter survival: median cosine {record['survival']['median_cosine']}, median relative error "
              f"{record['survival']['median_rel_error']}"]
     if "eval" in record:

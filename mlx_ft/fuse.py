@@ -23,16 +23,19 @@ from mlx_ft.models import identity
 BITS = (2, 3, 4, 5, 6, 8, 16)
 GROUP_SIZES = (32, 64, 128)
 RECIPES = ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6")
+DTYPES = ("float16", "bfloat16", "float32")  # of the scales, biases and unquantized tensors written
 SURVIVAL_WARN = 0.5  # cosine of (quantized fused - quantized base) vs the LoRA delta
 
 
-def check_args(bits: int, group_size: int, recipe: str | None) -> None:
+def check_args(bits: int, group_size: int, recipe: str | None, dtype: str = "float16") -> None:
     if bits not in BITS:
         raise UserError(f"--bits {bits}: use one of {', '.join(map(str, BITS))} (16 keeps full precision)")
     if group_size not in GROUP_SIZES:
         raise UserError(f"--group-size {group_size}: use one of {', '.join(map(str, GROUP_SIZES))}")
     if recipe and recipe not in RECIPES:
         raise UserError(f"--recipe {recipe}: use one of {', '.join(RECIPES)}")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype} (fuse.dtype in a config): use one of {', '.join(DTYPES)}")
 
 
 def resolve_source(run: str | Path | None, adapter: str | Path | None, model: str | Path | None) -> tuple[Path, Path]:
@@ -68,7 +71,7 @@ def _lora_modules(model) -> list[tuple[str, object]]:
 FUSABLE = ("Linear", "SwitchLinear", "Embedding")  # what a LoRA layer's base is once the model is dequantized
 
 
-def _base_weight(name: str, lora):
+def base_weight(name: str, lora):
     """The full-precision weight a LoRA layer adapts (Linear, a mixture-of-experts SwitchLinear, Embedding)."""
     base = lora.get("linear", lora.get("embedding"))
     if type(base).__name__ not in FUSABLE:
@@ -78,29 +81,35 @@ def _base_weight(name: str, lora):
     return base.weight
 
 
-def survival(pairs: list[tuple[str, object, object]], bits: int, group_size: int) -> dict:
-    """How much of each LoRA delta survives quantization.
+def survival_row(name: str, w_base, w_fused, bits: int, group_size: int, dtype=None) -> dict | None:
+    """How much of one layer's LoRA delta survives being written at ``bits`` in ``dtype``.
 
-    For each adapted layer: delta = W_fused - W_base (full precision); after quantizing both,
-    kept = Q(W_fused) - Q(W_base). Reports the cosine between kept and delta and the relative
-    error ||kept - delta|| / ||delta||, per layer and as medians."""
+    delta = W_fused - W_base (full precision); kept = Q(W_fused) - Q(W_base), where Q casts to the
+    output dtype and quantizes (bits 16: only casts). The cosine between kept and delta and the
+    relative error ||kept - delta|| / ||delta||; None when the delta is zero."""
     import mlx.core as mx
 
-    rows = []
-    for name, w_base, w_fused in pairs:
-        delta = (w_fused - w_base).astype(mx.float32)
+    delta = (w_fused - w_base).astype(mx.float32)
+    dn = mx.linalg.norm(delta).item()
+    if dn == 0:
+        return None
 
-        def q(w):
-            return mx.dequantize(*mx.quantize(w, group_size=group_size, bits=bits), group_size=group_size,
-                                 bits=bits).astype(mx.float32)
+    def q(w):
+        w = w if dtype is None else w.astype(dtype)
+        if bits == 16:
+            return w.astype(mx.float32)
+        return mx.dequantize(*mx.quantize(w, group_size=group_size, bits=bits), group_size=group_size,
+                             bits=bits).astype(mx.float32)
 
-        kept = delta if bits == 16 else q(w_fused) - q(w_base)
-        dn = mx.linalg.norm(delta).item()
-        if dn == 0:
-            continue
-        cos = (mx.sum(kept * delta) / (mx.linalg.norm(kept) * dn + 1e-12)).item()
-        rel = (mx.linalg.norm(kept - delta) / dn).item()
-        rows.append({"layer": name, "delta_norm": round(dn, 5), "cosine": round(cos, 4), "rel_error": round(rel, 4)})
+    kept = q(w_fused) - q(w_base)
+    cos = (mx.sum(kept * delta) / (mx.linalg.norm(kept) * dn + 1e-12)).item()
+    rel = (mx.linalg.norm(kept - delta) / dn).item()
+    return {"layer": name, "delta_norm": round(dn, 5), "cosine": round(cos, 4), "rel_error": round(rel, 4)}
+
+
+def summarize_survival(rows: list[dict | None]) -> dict:
+    """Per layer (sorted by name) and as medians."""
+    rows = sorted((r for r in rows if r), key=lambda r: r["layer"])
     cos_sorted = sorted(r["cosine"] for r in rows)
     rel_sorted = sorted(r["rel_error"] for r in rows)
     median = (lambda xs: xs[len(xs) // 2] if xs else None)
@@ -108,65 +117,100 @@ def survival(pairs: list[tuple[str, object, object]], bits: int, group_size: int
             "min_cosine": cos_sorted[0] if cos_sorted else None}
 
 
+def survival(pairs: list[tuple[str, object, object]], bits: int, group_size: int, dtype=None) -> dict:
+    """How much of each LoRA delta survives quantization (:func:`survival_row` per adapted layer)."""
+    return summarize_survival([survival_row(n, b, f, bits, group_size, dtype) for n, b, f in pairs])
+
+
 def fuse(adapter: Path, base: Path, out: Path, bits: int = 5, group_size: int = 32, recipe: str | None = None,
-         force: bool = False, log: Callable[[str], None] = lambda s: None) -> dict:
-    """Dequantize base → fuse adapter → quantize → save atomically. Returns the fuse record."""
+         force: bool = False, log: Callable[[str], None] = lambda s: None, *, dtype: str = "float16",
+         in_memory: bool = False, shard_bytes: int | None = None) -> dict:
+    """Fuse ``adapter`` into ``base`` at ``bits`` (scales, biases and unquantized tensors in
+    ``dtype``) and save atomically. Layer by layer (peak memory: about the output plus a layer or
+    two), or with ``in_memory`` the whole base dequantized at once. Returns the fuse record."""
     import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.utils import save
 
-    from mlx_ft.fingerprint import fingerprint_model
-
-    check_args(bits, group_size, recipe)
+    check_args(bits, group_size, recipe, dtype)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it, or choose another --out")
     t0 = time.perf_counter()
-    _check_memory(adapter, base, bits, log)
-    model, tok, config, base_bits = _load_full_precision(base, log)
-    pairs = _merge(model, adapter, log)
-    surv = survival(pairs, bits, group_size)
-    warnings = []
-    if surv["median_cosine"] is not None and surv["median_cosine"] < SURVIVAL_WARN:
-        warnings.append(f"at {bits} bits most of the LoRA delta is rounded away (median cosine "
-                        f"{surv['median_cosine']:.2f}); the fused model may behave like the base. Use more bits")
-    if bits != 16:
-        model, config = _quantize(model, config, bits, group_size, recipe, log)
-    model.eval()
-    fp = fingerprint_model(model, tok)
+    _check_memory(adapter, base, bits, log, streamed=not in_memory)
     with staged_dir(out, force=force) as tmp:
-        log(f"writing {out}")
-        save(tmp, base, model, tok, config, donate_model=False)
+        build = _fuse_in_memory if in_memory else _fuse_streamed
+        built = build(adapter, base, tmp, bits, group_size, recipe, getattr(mx, dtype), log,
+                      **({"shard_bytes": shard_bytes} if shard_bytes and not in_memory else {}))
+        surv = built["survival"]
+        warnings = []
+        if surv["median_cosine"] is not None and surv["median_cosine"] < SURVIVAL_WARN:
+            warnings.append(f"at {bits} bits most of the LoRA delta is rounded away (median cosine "
+                            f"{surv['median_cosine']:.2f}); the fused model may behave like the base. Use more bits")
         size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
         record = {
-            "source_checkpoint": str(adapter.resolve()),
-            "base_model": str(base.resolve()),
-            "model": identity(None, base),
-            "base_bits": base_bits,
-            "bits": bits,
-            "group_size": group_size if bits != 16 else None,
-            "recipe": recipe,
-            "size_bytes": size,
-            "parameters": sum(v.size for _, v in tree_flatten(model.parameters())),
+            "source_checkpoint": str(adapter.resolve()), "base_model": str(base.resolve()),
+            "model": identity(None, base), "base_bits": built["base_bits"], "bits": bits,
+            "group_size": group_size if bits != 16 else None, "recipe": recipe, "dtype": dtype,
+            "method": "in-memory" if in_memory else "streamed", "size_bytes": size,
+            "bits_per_weight": round(built["bits_per_weight"], 3), "parameters": built["parameters"],
             "seconds": round(time.perf_counter() - t0, 2),
-            "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3),
-            "peak_rss_gb": round(_peak_rss_bytes() / 1e9, 3),
-            "survival": surv,
-            "warnings": warnings,
-            "fingerprint": fp,
+            "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 3), "peak_rss_gb": round(_peak_rss_bytes() / 1e9, 3),
+            "survival": surv, "warnings": warnings, "fingerprint": built["fingerprint"],
         }
         write_json(tmp / "fused.json", record)
     for w in warnings:
         log(f"WARNING: {w}")
-    log(f"fused in {record['seconds']} s, {size / 1e6:.1f} MB, adapter survival median cosine "
-        f"{surv['median_cosine']}")
+    log(f"fused in {record['seconds']} s, {size / 1e6:.1f} MB, {record['bits_per_weight']} bits per weight, "
+        f"adapter survival median cosine {surv['median_cosine']}")
     return record
 
 
-def _check_memory(adapter: Path, base: Path, bits: int, log: Callable[[str], None]) -> None:
+def _fuse_in_memory(adapter: Path, base: Path, tmp: Path, bits: int, group_size: int, recipe: str | None, dtype,
+                    log: Callable[[str], None]) -> dict:
+    """The whole base dequantized → fuse every adapted layer → cast → quantize → mlx-lm's save."""
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import compute_bits_per_weight, save
+
+    from mlx_ft.fingerprint import fingerprint_model
+
+    model, tok, config, base_bits = _load_full_precision(base, log)
+    pairs = _merge(model, adapter, log)
+    surv = survival(pairs, bits, group_size, dtype)
+    del pairs
+    model.set_dtype(dtype)
+    if bits != 16:
+        model, config = _quantize(model, config, bits, group_size, recipe, log)
+    model.eval()
+    fp = fingerprint_model(model, tok)
+    log(f"writing {tmp}")
+    save(tmp, base, model, tok, config, donate_model=False)
+    return {"base_bits": base_bits, "survival": surv, "fingerprint": fp,
+            "parameters": sum(v.size for _, v in tree_flatten(model.parameters())),
+            "bits_per_weight": compute_bits_per_weight(model)}
+
+
+def _fuse_streamed(adapter: Path, base: Path, tmp: Path, bits: int, group_size: int, recipe: str | None, dtype,
+                   log: Callable[[str], None], **kw) -> dict:
+    """mlx_ft/fuse_stream.py writes the folder layer by layer; the fused model is loaded back
+    (quantized: the output's size) only for its fingerprint."""
+    from mlx_lm.utils import load
+
+    from mlx_ft.fingerprint import fingerprint_model
+    from mlx_ft.fuse_stream import stream_fuse
+
+    rows = []
+    log(f"fusing {base} layer by layer into {tmp} ({bits} bits, {dtype})")
+    built = stream_fuse(adapter, base, tmp, bits, group_size, recipe, dtype,
+                        lambda n, b, f: rows.append(survival_row(n, b, f, bits, group_size, dtype)), **kw)
+    log(f"fused {len(rows)} adapted layers")
+    model, tok = load(str(tmp))
+    return {**built, "survival": summarize_survival(rows), "fingerprint": fingerprint_model(model, tok),
+            "bits_per_weight": built["weights_bytes"] * 8 / built["total_parameters"]}
+
+
+def _check_memory(adapter: Path, base: Path, bits: int, log: Callable[[str], None], streamed: bool = True) -> None:
     """Refuse before loading when the fuse would not fit in memory (mlx_ft/memory.py)."""
     acfg = read_json(adapter / "adapter_config.json")
-    check_memory("fuse", base, bits=bits if bits != 16 else 0, log=log, lora_layers=acfg.get("num_layers"),
-                 lora_rank=(acfg.get("lora_parameters") or {}).get("rank", 8))
+    check_memory("fuse", base, bits=bits if streamed or bits != 16 else 0, log=log, lora_layers=acfg.get("num_layers"),
+                 lora_rank=(acfg.get("lora_parameters") or {}).get("rank", 8), streamed=streamed)
 
 
 def _load_full_precision(base: Path, log: Callable[[str], None]):
@@ -196,7 +240,7 @@ def _merge(model, adapter: Path, log: Callable[[str], None]) -> list[tuple[str, 
     if not loras:
         raise ModelError(f"{adapter}: no LoRA layers found to fuse (fine_tune_type full is not supported here)")
     log(f"fusing {len(loras)} adapted layers")
-    base_weights = {n: _base_weight(n, m) for n, m in loras}
+    base_weights = {n: base_weight(n, m) for n, m in loras}
     fused = [(n, m.fuse()) for n, m in loras]
     model.update_modules(tree_unflatten(fused))
     return [(n, base_weights[n], layer.weight) for n, layer in fused]

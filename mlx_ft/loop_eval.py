@@ -15,6 +15,7 @@ from pathlib import Path
 from mlx_ft import runs
 from mlx_ft.engine_batched import BatchedEngine
 from mlx_ft.evaluate import bind, prepare, reusable, run_engine
+from mlx_ft.files import read_json
 from mlx_ft.recipe import EarlyStop
 from mlx_ft.selection import wilson
 from mlx_ft.targets import Target
@@ -47,6 +48,18 @@ class LoopEval:
         metric = s["score"] if self.early_stop.metric == "score" else s["pass_rate"]
         self.history.append((step, metric))
         return record
+
+    def restore(self, up_to_step: int) -> None:
+        """On --resume: the scores of the base and the checkpoints already written, so early stop
+        counts from where the run was."""
+        names = [runs.BASE] + [c.name for c in runs.complete_checkpoints(self.run_dir) if c.step <= up_to_step]
+        for name in names:
+            path = runs.result_path(runs.evals_dir(self.run_dir, name), self.suite.name)
+            if path.is_file():
+                rec = read_json(path)
+                s = rec["summary"]
+                self.history.append((rec["target"]["step"] or 0,
+                                     s["score"] if self.early_stop.metric == "score" else s["pass_rate"]))
 
     def line(self, record: dict, train_loss: float | None, val_loss: float | None) -> str:
         """The per-checkpoint progress line: losses and eval side by side."""

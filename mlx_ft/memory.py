@@ -109,7 +109,7 @@ def lora_params(m: ModelSize, rank: int, layers: int | None = None) -> int:
 
 def estimate(stage: str, m: ModelSize, *, batch_size: int = 4, seq_len: int = 2048, lora_rank: int = 8,
              lora_layers: int | None = 8, adapters: int = 1, rows: int = 64, tokens: int = 2048,
-             bits: int = 4) -> dict[str, int]:
+             bits: int = 4, streamed: bool = False) -> dict[str, int]:
     """Peak memory of ``stage`` in bytes, by part, plus ``total``.
 
     train: weights + LoRA parameters with gradient and Adam moments (4 x float32) + the activations
@@ -120,7 +120,9 @@ def estimate(stage: str, m: ModelSize, *, batch_size: int = 4, seq_len: int = 20
     and an eval of 64 rows of 2048 tokens.
     eval: weights + every adapter (float32, the batched engine's stacks) + the KV cache of ``rows``
     rows of ``tokens`` tokens + one step's logits. fuse: the full-precision model (a quantized base
-    is dequantized first) + the quantized copy at ``bits`` + the adapter."""
+    is dequantized first) + the quantized copy at ``bits`` + the adapter; ``streamed`` (mlxft fuse's
+    default, mlx_ft/fuse_stream.py): the output + two layers in float32 + 300 MB (measured:
+    docs/benchmarks.md)."""
     if stage not in STAGES:
         raise UserError(f"stage {stage!r}: one of {', '.join(STAGES)}")
     lora = lora_params(m, lora_rank, lora_layers) * 4
@@ -136,6 +138,10 @@ def estimate(stage: str, m: ModelSize, *, batch_size: int = 4, seq_len: int = 20
         parts["adapters"] = lora * adapters
         parts["kv_cache"] = rows * tokens * m.layers * 2 * m.kv_heads * m.head_dim * m.dtype_bytes
         parts["logits"] = rows * m.vocab * 4 * 2
+    elif streamed:
+        parts["weights"] = 2 * m.params // max(m.layers, 1) * 4  # two layers in full precision
+        parts["quantized"] = m.params * min(bits, 16) // 8 * 5 // 4
+        parts["adapters"] = lora + 300 * 10**6
     else:
         parts["weights"] = max(m.disk_bytes, m.params * m.dtype_bytes)
         parts["quantized"] = m.params * bits // 8 * 5 // 4  # plus scales and biases

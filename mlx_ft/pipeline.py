@@ -57,7 +57,8 @@ def fuse_stage(cfg: TrainConfig, best: dict, suite, force: bool, log: Log) -> di
     out = Path(cfg.fuse.out or f"fused_models/{cfg.name}-{cfg.fuse.bits}bit")
     record = read_json(out / "fused.json") if (out / "fused.json").is_file() else None
     same = record is not None and record.get("source_checkpoint") == str(Path(adapter).resolve()) and (
-        record.get("bits"), record.get("group_size")) == (cfg.fuse.bits, cfg.fuse.group_size)
+        record.get("bits"), record.get("group_size"), record.get("dtype")) == (cfg.fuse.bits, cfg.fuse.group_size,
+                                                                              cfg.fuse.dtype)
     if same and not force and record.get("eval", {}).get("suite") == suite.name:
         log(f"fuse: {out} already holds {Path(adapter).name} at {cfg.fuse.bits} bits, evaluated; skipping")
         return {**record, "out": str(out)}
@@ -65,7 +66,7 @@ def fuse_stage(cfg: TrainConfig, best: dict, suite, force: bool, log: Log) -> di
         if out.exists() and not force and record is None:
             raise UserError(f"{out} exists and is not a fused model of mlxft; set fuse.out in the config")
         record = fuse(Path(adapter), Path(read_json(Path(adapter) / "adapter_config.json")["model"]), out,
-                      cfg.fuse.bits, cfg.fuse.group_size, force=out.exists(), log=log)
+                      cfg.fuse.bits, cfg.fuse.group_size, force=out.exists(), log=log, dtype=cfg.fuse.dtype)
     record["eval"] = compare_with_adapter(out, Path(adapter), suite, log=log)
     return {**record, "out": str(out)}
 

@@ -43,6 +43,11 @@ class FuseStage:
     bits: int | None = None
     group_size: int = 32
     out: str | None = None  # default fused_models/<run name>-<bits>bit
+    dtype: str = "float16"  # of the scales, biases and unquantized tensors: float16, bfloat16 or float32
+
+    def check(self) -> list[str]:
+        dtypes = ("float16", "bfloat16", "float32")
+        return [] if self.dtype in dtypes else [f"dtype: one of {', '.join(dtypes)}, got {self.dtype!r}"]
 
 
 @dataclass(frozen=True)

@@ -347,6 +347,8 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None, resume:
                               val_set=CacheDataset(ChatDataset(prep.splits["valid"], tok, mask_prompt=cfg.mask_prompt)))
     if previous:
         _restore(session, previous[-1])
+        if session.loop_eval:
+            session.loop_eval.restore(session.start_step)
         if session.start_step >= cfg.iters or read_json(runs.run_json(cfg.run_dir)).get("early_stop"):
             log("run already complete")
             return read_json(runs.run_json(cfg.run_dir))

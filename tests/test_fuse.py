@@ -10,7 +10,7 @@ from mlx_ft.errors import UserError
 from mlx_ft.fuse import compare_with_adapter, fuse, resolve_source
 from mlx_ft.suite import load_suite
 
-from .conftest import small_suite
+from .conftest import small_suite, tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -101,13 +101,13 @@ def test_refuses_to_overwrite_and_failure_leaves_nothing(tmp_path, source, monke
         fuse(*source, out, bits=4)
     assert (out / "mine.txt").read_text() == "keep"
 
-    import mlx_lm.utils
+    from mlx_ft.fuse_stream import ShardWriter
 
-    def broken_save(dst, *a, **k):
-        (dst / "model.safetensors").write_bytes(b"half")
+    def broken_close(self, total_parameters):
+        (self.folder / "model.safetensors").write_bytes(b"half")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(mlx_lm.utils, "save", broken_save)
+    monkeypatch.setattr(ShardWriter, "close", broken_close)
     with pytest.raises(OSError):
         fuse(*source, tmp_path / "new", bits=4)
     assert not (tmp_path / "new").exists()
@@ -142,3 +142,135 @@ def test_fused_eval_beside_adapter(tmp_path, fused, source):
     assert cmp["mcnemar"] == mcnemar_exact(*passed)
     assert cmp["kernels"] == ("dequantized" if quantized_kernels_are_slow() else "quantized")
     assert json.loads((out / "fused.json").read_text())["eval"] == cmp
+
+
+def tiny_adapter(base, out, fine_tune_type: str = "lora", seed: int = 1):
+    """A random (non-zero) adapter on the last 2 layers of ``base``, every linear layer of them
+    (a mixture of experts: the expert stacks too), written as mlx-lm's trainer writes one."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load_model
+
+    params = {"rank": 4, "scale": 20.0, "dropout": 0.0}
+    model, _ = load_model(base)
+    linear_to_lora_layers(model, 2, params, use_dora=fine_tune_type == "dora")
+    mx.random.seed(seed)
+    weights = {k: (v * (1 + 0.1 * mx.random.normal(v.shape)) if k.endswith(".m") else
+                   0.02 * mx.random.normal(v.shape).astype(v.dtype))
+               for k, v in tree_flatten(model.parameters()) if k.rsplit(".", 1)[-1] in ("lora_a", "lora_b", "m")}
+    out.mkdir(parents=True)
+    mx.save_safetensors(str(out / "adapters.safetensors"), weights)
+    (out / "adapter_config.json").write_text(json.dumps({"model": str(base), "num_layers": 2, "lora_parameters": params,
+                                                         "fine_tune_type": fine_tune_type}))
+    return out
+
+
+def assert_same_folders(a, b, same_shards: bool = True) -> int:
+    """Every tensor of the two fused folders equal bit for bit (same names, dtypes, shapes, bytes),
+    and the same config.json, index and fuse record (survival, fingerprint, bits per weight).
+    Returns the number of tensors compared."""
+    import mlx.core as mx
+
+    def tensors(folder):
+        out = {}
+        for f in sorted(folder.glob("model*.safetensors")):
+            out.update(mx.load(str(f)))
+        return out
+
+    ta, tb = tensors(a), tensors(b)
+    assert sorted(ta) == sorted(tb)
+    for k in ta:
+        assert (ta[k].dtype, ta[k].shape) == (tb[k].dtype, tb[k].shape), k
+        bytes_a, bytes_b = (x.reshape(-1).view(mx.uint8) for x in (ta[k], tb[k]))
+        assert mx.array_equal(bytes_a, bytes_b).item(), f"{k} differs"
+    assert json.loads((a / "config.json").read_text()) == json.loads((b / "config.json").read_text())
+    ia, ib = (json.loads((x / "model.safetensors.index.json").read_text()) for x in (a, b))
+    assert ia["metadata"] == ib["metadata"] and list(ia["weight_map"]) == list(ib["weight_map"])
+    assert ia == ib or not same_shards
+    ra, rb = (json.loads((x / "fused.json").read_text()) for x in (a, b))
+    assert (ra["method"], rb["method"]) == ("streamed", "in-memory")
+    for key in ("survival", "fingerprint", "bits_per_weight", "parameters", "base_bits", "dtype") + (
+            ("size_bytes",) if same_shards else ()):
+        assert ra[key] == rb[key], key
+    return len(ta)
+
+
+@pytest.mark.parametrize("arch,base_bits,fine_tune_type,bits,recipe", [
+    ("llama", None, "lora", 5, None),  # float32 base
+    ("llama", 4, "lora", 4, None),  # 4-bit base: dequantized layer by layer
+    ("llama", None, "dora", 8, None),
+    ("llama", 4, "lora", 4, "mixed_3_6"),  # per-layer bits in config.json
+    ("llama", None, "lora", 16, None),
+    ("qwen3_moe", None, "lora", 5, None),  # the expert axis (LoRASwitchLinear) + its 8-bit router predicate
+    ("qwen3_moe", 4, "lora", 4, None),
+])
+def test_streamed_fuse_equals_in_memory_bit_for_bit(tmp_path, embedded_model, arch, base_bits, fine_tune_type, bits,
+                                                    recipe):
+    from mlx_lm import load
+
+    base = tiny_model(tmp_path / "base", arch, embedded_model, bits=base_bits)
+    adapter = tiny_adapter(base, tmp_path / "adapter", fine_tune_type)
+    streamed = fuse(adapter, base, tmp_path / "s", bits=bits, recipe=recipe)
+    in_memory = fuse(adapter, base, tmp_path / "m", bits=bits, recipe=recipe, in_memory=True)
+    assert assert_same_folders(tmp_path / "s", tmp_path / "m") > 10
+    assert streamed["survival"]["layers"] and in_memory["base_bits"] == base_bits
+    cfg = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert ("quantization" in cfg) == (bits != 16)
+    if recipe:
+        assert {v["bits"] for k, v in cfg["quantization"].items() if isinstance(v, dict)} == {3, 6}
+    load(str(tmp_path / "s"))  # mlx-lm loads it strictly
+
+
+def test_streamed_fuse_writes_shards_as_mlx_lm_does(tmp_path, embedded_model):
+    """Shards of at most the limit (mlx-lm's make_shards rule), named model-0000i-of-0000n once n
+    is known, an index mapping every tensor to the file that holds it; mlx-lm loads the folder."""
+    import mlx.core as mx
+    from mlx_lm import load
+
+    base = tiny_model(tmp_path / "base", "llama", embedded_model, bits=4)
+    adapter = tiny_adapter(base, tmp_path / "adapter")
+    fuse(adapter, base, tmp_path / "s", bits=5, shard_bytes=1 << 20)
+    fuse(adapter, base, tmp_path / "m", bits=5, in_memory=True)
+    files = sorted(p.name for p in (tmp_path / "s").glob("*.safetensors"))
+    n = len(files)
+    assert n >= 2 and files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    index = json.loads((tmp_path / "s" / "model.safetensors.index.json").read_text())
+    for f in files:
+        shard = mx.load(str(tmp_path / "s" / f))
+        assert set(shard) == {k for k, v in index["weight_map"].items() if v == f}
+        assert len(shard) == 1 or sum(v.nbytes for v in shard.values()) <= 1 << 20
+    assert assert_same_folders(tmp_path / "s", tmp_path / "m", same_shards=False) > 10
+    load(str(tmp_path / "s"))
+
+
+def test_streamed_equals_in_memory_on_the_trained_checkpoint(tmp_path, fused, source):
+    """The embedded SmolLM2 (float32 base) with a really trained adapter: the default (streamed)
+    5-bit fuse is the in-memory one, bit for bit."""
+    fuse(*source, tmp_path / "m", bits=5, in_memory=True)
+    assert assert_same_folders(fused[5]["out"], tmp_path / "m") == 30 * 7 * 3 + 30 * 2 + 1 * 3 + 1
+
+
+def test_16bit_scales_make_5_bits_about_6(tmp_path, embedded_model):
+    """--bits 5 at group size 32: 5 bits + a 16-bit scale and bias per 32 weights = 6.0 bits per
+    weight (plus the few unquantized norms), where float32 scales gave 7; the file ~15-20 % smaller."""
+    base = tiny_model(tmp_path / "base", "llama", embedded_model)
+    adapter = tiny_adapter(base, tmp_path / "adapter")
+    recs = {d: fuse(adapter, base, tmp_path / d, bits=5, dtype=d) for d in ("float16", "float32")}
+    assert 6.0 <= recs["float16"]["bits_per_weight"] <= 6.01 and recs["float32"]["bits_per_weight"] >= 7.0
+    assert recs["float16"]["size_bytes"] < 0.87 * recs["float32"]["size_bytes"]
+    assert json.loads((tmp_path / "float16" / "fused.json").read_text())["dtype"] == "float16"
+    import mlx.core as mx
+
+    shard = mx.load(str(tmp_path / "float16" / "model.safetensors"))
+    assert {v.dtype for k, v in shard.items() if not k.endswith(".weight") or v.dtype != mx.uint32} == {mx.float16}
+
+
+def test_bad_dtype_is_refused_with_the_fix():
+    from mlx_ft.fuse import check_args
+    from mlx_ft.recipe import FuseStage
+
+    with pytest.raises(UserError, match="--dtype float8.*float16, bfloat16, float32"):
+        check_args(5, 32, None, "float8")
+    assert FuseStage(bits=5, dtype="int8").check() == ["dtype: one of float16, bfloat16, float32, got 'int8'"]
+    assert FuseStage(bits=5).check() == []

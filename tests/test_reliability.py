@@ -121,7 +121,7 @@ def test_sigterm_during_fuse_leaves_no_half_written_folder(tmp_path, trained_run
 
 @pytest.mark.slow
 def test_server_killed_mid_eval_keeps_prompts_and_resume_completes(tmp_path, embedded_model):
-    suite = small_suite(tmp_path, n=27, max_tokens=48)
+    suite = small_suite(tmp_path, n=8, max_tokens=24)
     out = tmp_path / "o"
     args = ["eval", "--prompts", str(suite), "--model", str(embedded_model), "--out", str(out), "--concurrency", "1",
             "--engine", "server"]
@@ -136,19 +136,19 @@ def test_server_killed_mid_eval_keeps_prompts_and_resume_completes(tmp_path, emb
     assert proc.wait(timeout=60) == 1
     assert "died" in err and "--resume" in err
     kept = len(partial.read_text().splitlines())
-    assert 3 <= kept < 27 and not (out / "mini.json").exists()
+    assert 3 <= kept < 8 and not (out / "mini.json").exists()
     done = subprocess.run([sys.executable, "-m", "mlx_ft", *args, "--resume"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert f"{kept} of 27 prompts already scored" in done.stderr
+    assert f"{kept} of 8 prompts already scored" in done.stderr
     rec = json.loads((out / "mini.json").read_text())
-    assert len(rec["results"]) == 27 and not partial.exists()
+    assert len(rec["results"]) == 8 and not partial.exists()
 
 
 @pytest.mark.slow
 def test_batched_eval_killed_keeps_prompts_and_resume_completes(tmp_path, trained_run):
     """SIGKILL mid-way through a batched eval of base + 2 checkpoints: every scored prompt is kept,
     no target that was still running has a final result, and --resume asks only for the rest."""
-    suite = small_suite(tmp_path, n=12, max_tokens=32)
+    suite = small_suite(tmp_path, n=8, max_tokens=16)
     run = tmp_path / "run"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("evals"))
     args = ["eval", "--prompts", str(suite), "--run", str(run), "--concurrency", "4"]  # waves of 4 rows
