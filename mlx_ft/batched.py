@@ -28,7 +28,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import psutil
-from mlx_lm.generate import BatchGenerator, TextStateMachine, make_stop_sequences
+from mlx_lm.generate import PromptProcessingBatch, TextStateMachine, _extend_cache, make_stop_sequences
 
 from mlx_ft.errors import EvalError, WrongModelError
 from mlx_ft.files import read_json
@@ -466,15 +466,15 @@ class _Live:
         self.lps: list[float] = []
         self.finish: str | None = None
 
-    def advance(self, resp) -> bool:
+    def advance(self, token: int, logprob: float | None) -> bool:
         """Take the row's next token; True when the row has just finished. A stop sequence's last
         token is not kept, and a stop wins over reaching max_tokens on the same token."""
-        if self.matcher.advance(resp.token):
+        if self.matcher.advance(token):
             self.finish = "stop"
             return True
-        self.ids.append(int(resp.token))
+        self.ids.append(token)
         if self.row.probe:
-            self.lps.append(float(resp.logprobs[resp.token].item()))
+            self.lps.append(logprob)
         if len(self.ids) >= self.row.max_tokens:
             self.finish = "length"
         return self.finish is not None
@@ -489,11 +489,26 @@ def _waves(rows: list[Row], wave: int) -> list[list[Row]]:
     return [rows[i:i + size] for i in range(0, len(rows), size)]
 
 
-def _start_wave(engine: MultiAdapterModel, chunk: list[Row], shared: dict, stops, eos_only):
-    """A BatchGenerator holding ``chunk``, each row starting from its slot's shared prefix cache."""
-    steps = max(r.max_tokens for r in chunk)
-    gen = BatchGenerator(engine, max_tokens=steps, stop_tokens=None,
-                         completion_batch_size=len(chunk), prefill_batch_size=len(chunk))
+def _groups(lengths: list[int], pad_share: float = 0.1) -> list[list[int]]:
+    """Row indices sorted by prompt length, cut into prefill groups: a new group starts where
+    right-padding every row to the group's longest prompt would waste more than ``pad_share`` of
+    the group's prefill (one batch of all rows padded ~40 % of the demo's prefill)."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        g = groups[-1] if groups else None
+        if g and (len(g) + 1) * lengths[i] * (1 - pad_share) <= sum(lengths[j] for j in g) + lengths[i]:
+            g.append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _prefill(engine: MultiAdapterModel, chunk: list[Row], shared: dict) -> tuple[list, list[int], int]:
+    """One batch KV cache holding every row's prompt but its last token (each row starting from its
+    slot's shared prefix cache; probe rows from scratch), the chunk indices of its rows in batch
+    order, and the number of tokens prefilled. mlx-lm's PromptProcessingBatch pads and caches;
+    rows of similar length are prefilled together (:func:`_groups`) so little of it is padding."""
     caches, prompts = [], []
     for r in chunk:
         n, cache = shared.get(r.slot, (0, None))
@@ -503,36 +518,97 @@ def _start_wave(engine: MultiAdapterModel, chunk: list[Row], shared: dict, stops
             cache = [*cache[:-1], RowSlots(cache[-1].slots)]
         prompts.append(r.tokens[n:])
         caches.append(cache)
-    # all rows get the same step count, so the generator itself never drops one mid-wave
-    uids = gen.insert(prompts, [steps] * len(chunk), caches=caches)
-    live = {uid: _Live(r, (eos_only if r.probe else stops).matcher()) for uid, r in zip(uids, chunk)}
-    return gen, live
+    groups = _groups([len(p) for p in prompts])
+    batch_cache = None
+    for g in groups:
+        part = PromptProcessingBatch(engine, list(g), [caches[i] for i in g])
+        if any(len(prompts[i]) > 1 for i in g):
+            part.prompt([prompts[i][:-1] for i in g])
+        batch_cache = part.prompt_cache if batch_cache is None else _extend_cache(batch_cache, part.prompt_cache)
+    mx.eval([c.state for c in batch_cache])
+    return batch_cache, [i for g in groups for i in g], sum(len(p) - 1 for p in prompts)
 
 
-def _count(totals: dict, st=None) -> None:
-    """Add one wave's mlx-lm counters (``st``) to ``totals``; with none, start the counts at zero."""
+def _filter(cache: list, keep: list[int]) -> None:
+    for c in cache:
+        c.filter(keep)
+
+
+def _greedy(engine: MultiAdapterModel, cache: list, tokens: mx.array, logprobs: bool) -> tuple:
+    """One decode step: each row's next token, argmax of its logits, and with ``logprobs`` the
+    token's log-probability. mlx-lm normalises every row's logits over the whole vocabulary at every
+    step (a quarter of a step's time here) for its sampler; a greedy row needs only the argmax,
+    which a per-row shift does not move. Waves that want log-probabilities (the probes) take
+    mlx-lm's exact path: the argmax of the normalised logits."""
+    logits = engine(tokens[:, None], cache=cache)[:, -1, :]
+    if not logprobs:
+        return mx.argmax(logits, axis=-1), None
+    lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    nxt = mx.argmax(lp, axis=-1)
+    return nxt, mx.take_along_axis(lp, nxt[:, None], axis=-1)[:, 0]
+
+
+def _count(totals: dict) -> None:
+    """Start the counters ``decode`` adds to at zero."""
     for key in ("waves", "prompt_tokens", "decode_tokens", "useful_tokens", "prompt_s", "decode_s"):
         totals.setdefault(key, 0)
-    if st is not None:
-        totals["waves"] += 1
-        totals["prompt_tokens"] += st.prompt_tokens
-        totals["prompt_s"] = round(totals["prompt_s"] + st.prompt_time, 2)
-        totals["decode_tokens"] += st.generation_tokens
-        totals["decode_s"] = round(totals["decode_s"] + st.decode_time, 2)
+
+
+def _run_wave(engine, chunk: list[Row], shared: dict, matchers: list, totals: dict, prune: float, t0: float):
+    """Prefill ``chunk`` and greedy-decode it to the end, yielding each row's Done as it finishes.
+
+    The next step is queued (``async_eval``) before this step's tokens are read, so the Python work
+    of matching stops and the caller's work on each Done overlap the forward pass."""
+    t = time.perf_counter()
+    cache, order, n_prompt = _prefill(engine, chunk, shared)
+    chunk, matchers = [chunk[i] for i in order], [matchers[i] for i in order]
+    tokens = mx.array([r.tokens[-1] for r in chunk])
+    totals["prompt_tokens"] += n_prompt
+    totals["prompt_s"] += time.perf_counter() - t
+    t = time.perf_counter()
+    live = [_Live(r, m) for r, m in zip(chunk, matchers)]
+    want_lp, steps, done = any(r.probe for r in chunk), max(r.max_tokens for r in chunk), 0
+    step = _greedy(engine, cache, tokens, want_lp)
+    mx.async_eval(step)
+    while step is not None:
+        tokens, lps = step
+        done += 1
+        step = _greedy(engine, cache, tokens, want_lp) if done < steps else None
+        if step is not None:
+            mx.async_eval(step)
+        toks, lps = tokens.tolist(), (lps.tolist() if lps is not None else None)
+        totals["decode_tokens"] += len(live)
+        for i, row in enumerate(live):
+            if row.finish is None and row.advance(toks[i], lps[i] if lps else None):
+                totals["useful_tokens"] += len(row.ids) + (row.finish == "stop")
+                yield Done(row.row.key, row.ids, row.lps, row.finish, len(row.row.tokens), time.perf_counter() - t0)
+        keep = [i for i, row in enumerate(live) if row.finish is None]
+        if not keep:
+            break
+        if step is not None and len(live) - len(keep) >= max(1, prune * len(live)):
+            _filter(cache, keep)  # copies the batch KV cache: done for many stopped rows at once
+            step = (step[0][mx.array(keep)], None if step[1] is None else step[1][mx.array(keep)])
+            live = [live[i] for i in keep]
+        totals["decode_s"] = totals["decode_s"] + time.perf_counter() - t
+        t = time.perf_counter()
+    totals["decode_s"] += time.perf_counter() - t
+    totals["waves"] += 1
 
 
 def decode(engine: MultiAdapterModel, tokenizer, rows: list[Row], *, stop_words=(), wave: int = 64,
            shared: dict[int, tuple[int, list]] | None = None, stats: dict | None = None,
            prune: float = 0.1) -> Iterator[Done]:
     """Greedy-decode every row, yielding each row's :class:`Done` as it finishes. Where the time
-    went (mlx-lm's own counters, summed over waves) is added to ``stats`` if given.
+    went (prefill and decode tokens and seconds, summed over waves) is added to ``stats`` if given,
+    as it goes.
 
-    Rows run in waves of at most ``wave`` rows. mlx-lm's BatchGenerator copies the whole batch KV
-    cache each time a row leaves, and would do so at almost every step of an eval, so here a
-    stopped row stays in the batch (one row of wasted compute per step) until ``prune`` of the
-    wave has stopped, then those rows leave together. Stop words and EOS are matched per row with
-    mlx-lm's own StopSequences, exactly where its generator would stop (a multi-token stop word's
-    last token is the one dropped; the text state machine strips the rest).
+    Rows run in waves of at most ``wave`` rows: mlx-lm's PromptProcessingBatch prefills them into
+    one batch KV cache (mlx-lm's cache classes), then a small greedy loop decodes them
+    (:func:`_greedy`). Filtering the batch cache copies all of it, so a stopped row stays in the
+    batch (one row of wasted compute per step) until ``prune`` of the batch has stopped, then those
+    rows leave together. Stop words and EOS are matched per row with mlx-lm's own StopSequences,
+    exactly where its generator would stop (a multi-token stop word's last token is the one
+    dropped; the text state machine strips the rest).
 
     ``shared[slot] = (n, cache)``: the first n tokens of every row of that slot are already in
     ``cache`` (their common system prompt, prefilled once); the rows start from it without copying
@@ -544,25 +620,8 @@ def decode(engine: MultiAdapterModel, tokenizer, rows: list[Row], *, stop_words=
     _count(totals)
     t0 = time.perf_counter()
     for chunk in _waves(rows, wave):
-        gen, live = _start_wave(engine, chunk, shared or {}, stops, eos_only)
-        stopped: list[int] = []
+        matchers = [(eos_only if r.probe else stops).matcher() for r in chunk]
         try:
-            with gen.stats() as st:
-                while live and (responses := gen.next_generated()):
-                    for resp in responses:
-                        row = live.get(resp.uid)
-                        if row is None or not row.advance(resp):
-                            continue  # a stopped row still in the batch, or one that goes on
-                        del live[resp.uid]
-                        stopped.append(resp.uid)
-                        totals["useful_tokens"] += len(row.ids) + (row.finish == "stop")
-                        yield Done(row.row.key, row.ids, row.lps, row.finish, len(row.row.tokens),
-                                   time.perf_counter() - t0)
-                    if live and len(stopped) >= max(1, prune * len(chunk)):
-                        gen.remove(stopped)
-                        stopped = []
-            _count(totals, st)
+            yield from _run_wave(engine, chunk, shared or {}, matchers, totals, prune, t0)
         finally:
-            gen.close()
-            del gen
             mx.clear_cache()

@@ -26,6 +26,12 @@ def write_json(path: str | Path, data: Any) -> Path:
     return path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_text(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,6 +41,7 @@ def write_text(path: str | Path, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would have made it, not mkstemp's private 0600
         os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
@@ -99,6 +106,7 @@ def staged_dir(final: str | Path, force: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # as mkdir would have made it, not mkdtemp's private 0700
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -189,3 +189,17 @@ def test_sigkill_during_training_leaves_only_complete_checkpoints(tmp_path, tiny
     done = subprocess.run([sys.executable, "-m", "mlx_ft", *args, "--resume"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert [c.step for c in complete_checkpoints(run)] == [2, 4, 6]
+
+
+def test_atomic_writes_get_the_permissions_a_plain_write_would(tmp_path):
+    """Temp files and folders are private (0600/0700); what lands must be as shareable as open()/mkdir make it."""
+    from mlx_ft.files import staged_dir, write_text
+
+    old = os.umask(0o022)
+    try:
+        assert (write_text(tmp_path / "a.json", "{}").stat().st_mode & 0o777) == 0o644
+        with staged_dir(tmp_path / "folder") as d:
+            (d / "x").write_text("x")
+        assert ((tmp_path / "folder").stat().st_mode & 0o777) == 0o755
+    finally:
+        os.umask(old)
