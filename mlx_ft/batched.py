@@ -5,13 +5,14 @@ its batch and reloads the base whenever the adapter changes, so K checkpoints co
 decode tails (the batch shrinks to the one longest answer) and K reloads. Here the base is loaded
 once and every adapted linear layer holds the LoRA matrices of *all* targets side by side
 (:class:`MultiLoRALinear`); each batch row carries its slot (0 = the base: no update, exactly the
-base output), and mlx-lm's own :class:`~mlx_lm.generate.BatchGenerator` drives the batch: prefill,
-KV caches, greedy sampling.
+base output). mlx-lm's own pieces run the batch: its PromptProcessingBatch prefills the rows
+into its batch KV cache classes; a small greedy loop (:func:`decode`) then decodes them, taking
+only the argmax where mlx-lm's generator would normalise every row over the whole vocabulary.
 
-How rows keep their slot: BatchGenerator merges, filters, extends and extracts the per-layer KV
-caches as rows join and leave. One extra entry at the end of the cache list, :class:`RowSlots`,
-follows the same protocol, so it always lists the slot of each live row in order; the model
-wrapper reads it before each forward pass and hands the rest of the list to the real model.
+How rows keep their slot: the batch KV cache is merged, filtered and extended as rows join and
+leave. One extra entry at the end of the cache list, :class:`RowSlots`, follows the same protocol,
+so it always lists the slot of each live row in order; the model wrapper reads it before each
+forward pass and hands the rest of the list to the real model.
 
 Identity: before any prompt is generated, every target's fingerprint probe runs as a row of a
 batch through this same routing and must match the fingerprint recorded with the checkpoint.
@@ -297,7 +298,7 @@ def _stack_switch(layer, pairs: list, rank: int):
 
 
 class MultiAdapterModel:
-    """The base model with K adapter slots (slot 0 = base) and the routing that BatchGenerator drives."""
+    """The base model with K adapter slots (slot 0 = base) and the routing each forward pass reads."""
 
     def __init__(self, model, adapters: list[Adapter | None]):
         import mlx.core as mx
@@ -560,6 +561,7 @@ def _run_wave(engine, chunk: list[Row], shared: dict, matchers: list, totals: di
     The next step is queued (``async_eval``) before this step's tokens are read, so the Python work
     of matching stops and the caller's work on each Done overlap the forward pass."""
     t = time.perf_counter()
+    totals["waves"] += 1
     cache, order, n_prompt = _prefill(engine, chunk, shared)
     chunk, matchers = [chunk[i] for i in order], [matchers[i] for i in order]
     tokens = mx.array([r.tokens[-1] for r in chunk])
@@ -592,7 +594,6 @@ def _run_wave(engine, chunk: list[Row], shared: dict, matchers: list, totals: di
         totals["decode_s"] = totals["decode_s"] + time.perf_counter() - t
         t = time.perf_counter()
     totals["decode_s"] += time.perf_counter() - t
-    totals["waves"] += 1
 
 
 def decode(engine: MultiAdapterModel, tokenizer, rows: list[Row], *, stop_words=(), wave: int = 64,

@@ -109,7 +109,8 @@ def pick_best_cmd(run_dir, run_dirs, suite, metric, confirm_split, bootstrap, pr
               help="Serve the fused model with its quantized kernels, or its exact dequantized weights "
                    "(auto: dequantized on CPU, where quantized kernels are 10-15x slower).")
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True,
-              help="Of the scales and biases (16-bit: --bits 5 is ~5.5 bits per weight, not 7) and unquantized tensors.")
+              help="Of the scales, biases and unquantized tensors (16-bit: --bits 5 --group-size 32 is 6.0 bits "
+                   "per weight; float32 scales made it 7).")
 @click.option("--in-memory", is_flag=True,
               help="Dequantize the whole base at once (the old way; needs the model in full precision in memory) "
                    "instead of streaming it layer by layer.")
@@ -118,7 +119,10 @@ def pick_best_cmd(run_dir, run_dirs, suite, metric, confirm_split, bootstrap, pr
 @errors
 def fuse_cmd(run_dir, adapter, model, bits, group_size, recipe, out, suite_path, no_eval, eval_kernels, dtype,
              in_memory, force, as_json):
-    """Fuse a checkpoint into a full-precision base, quantize, and evaluate it beside the adapter."""
+    """Fuse a checkpoint into a full-precision base, quantize, and evaluate it beside the adapter.
+
+    The base is streamed layer by layer (peak memory about the output + two layers), so a base that
+    does not fit in memory at full precision can still be fused; --in-memory does it the old way."""
     from mlx_ft.fuse import check_args, compare_with_adapter, fuse, resolve_source
 
     check_args(bits, group_size, recipe, dtype)
@@ -134,10 +138,10 @@ def fuse_cmd(run_dir, adapter, model, bits, group_size, recipe, out, suite_path,
     record = fuse(adapter_path, base, out, bits, group_size, recipe, force, log=log, dtype=dtype, in_memory=in_memory)
     if suite is not None:
         record["eval"] = compare_with_adapter(out, adapter_path, suite, kernels=eval_kernels, log=log)
-    lines = [f"{out}: {record['size_bytes'] / 1e6:.1f} MB, {bits} bits ({record['bits_per_weight']} per weight, "
-             f"{dtype}), fused {record['method']} in {record['seconds']} s, peak RSS {record['peak_rss_gb']} GB",
-             f"adapter survival: median cosine {record['survival']['median_cosine']}, median relative error "
-             f"{record['survival']['median_rel_error']}"]
+    lines = [(f"{out}: {record['size_bytes'] / 1e6:.1f} MB, {bits} bits ({record['bits_per_weight']} per weight, "
+              f"{dtype}), fused {record['method']} in {record['seconds']} s, peak RSS {record['peak_rss_gb']} GB"),
+             (f"adapter survival: median cosine {record['survival']['median_cosine']}, median relative error "
+              f"{record['survival']['median_rel_error']}")]
     if "eval" in record:
         e = record["eval"]
         lines.append(table(["", "score", "strict pass"], [

@@ -14,7 +14,7 @@ from pathlib import Path
 from mlx_lm.generate import TextStateMachine
 from mlx_lm.utils import load
 
-from mlx_ft import batched
+from mlx_ft import batched, doctor
 from mlx_ft.engines import Reply, Request
 from mlx_ft.errors import UserError
 
@@ -50,6 +50,7 @@ class BatchedEngine:
             if a is not None:
                 stack.append(a)
             self.slot[name] = len(stack) - 1 if a is not None else 0
+        self.params = matmul_params(model)  # before the adapters go in: the base's own matmuls
         self.multi = batched.MultiAdapterModel(model, stack)
         self.stats: dict = {}
         self.text_sm = raw_text_machine(suite.generation.stop_sequences)
@@ -75,8 +76,12 @@ class BatchedEngine:
         self.multi = None
 
     def details(self) -> dict:
-        return {"name": self.name, "targets": len(self.slot), "rows": self.stats.get("rows"),
-                "waves": self.stats.get("waves")}
+        """What ran, and how close decode came to the machine's compute ceiling (so far, when a
+        target finishes before the batch does)."""
+        st = self.stats
+        return {"name": self.name, "targets": len(self.slot), "rows": st.get("rows"), "waves": st.get("waves"),
+                "decode_tokens_per_s": _rate(st), "matmul_gflops": st.get("ceiling_gflops"),
+                "ceiling_fraction": ceiling_fraction(st, self.params)}
 
     def probe(self, targets: list) -> dict[str, dict]:
         """Every target's probe, one row per slot, all in one batch through the same routing."""
@@ -95,15 +100,14 @@ class BatchedEngine:
         if not rows:
             return
         shared, wave = self._shared_prefix(rows)
-        self.stats = {"rows": len(rows)}
+        self.stats = {"rows": len(rows), "ceiling_gflops": measure_ceiling()}
         for d in batched.decode(self.multi, self.tokenizer, rows, stop_words=gen.stop_sequences, wave=wave,
                                 shared=shared, stats=self.stats):
             text = batched.reply_text(self.tokenizer, self.text_sm, d.token_ids, d.finish_reason)
             yield requests[d.key], Reply(text, d.finish_reason, len(d.token_ids) + (d.finish_reason == "stop"),
                                          d.prompt_tokens, d.seconds)
-        self.log(f"batched engine: prefill {self.stats['prompt_tokens']} tokens in {self.stats['prompt_s']:.1f} s, "
-                 f"decode {self.stats['decode_tokens']} tokens ({self.stats['useful_tokens']} kept) in "
-                 f"{self.stats['decode_s']:.1f} s")
+        self.stats["ceiling_gflops"] = max(self.stats["ceiling_gflops"], measure_ceiling())
+        self.log(summary(self.stats, self.params))
 
     def _shared_prefix(self, rows: list[batched.Row]) -> tuple[dict, int]:
         """The rows' common prompt prefix (the system prompt), prefilled once per slot, and the
@@ -116,3 +120,57 @@ class BatchedEngine:
         self.log(f"batched engine: {len(rows)} prompts of {len(slots)} target(s) in waves of up to {wave} rows; "
                  f"shared prompt prefix {n} tokens, prefilled once per target")
         return shared, wave
+
+
+def matmul_params(model) -> int | None:
+    """The weights one token's forward pass multiplies with: every parameter (quantized weights
+    counted unpacked, quantization scales/biases not), less an embedding table that only looks
+    tokens up (one tied to the output layer is a matmul and counts). None for mixture-of-experts
+    models, whose tokens use only some experts' weights."""
+    from mlx import nn
+    from mlx.utils import tree_flatten
+
+    n = 0
+    for _, m in tree_flatten(model.leaf_modules(), is_leaf=lambda v: isinstance(v, nn.Module)):
+        if batched._kind(m) == "switch":
+            return None
+        bits = getattr(m, "bits", None)
+        for name, v in tree_flatten(m.parameters()):
+            if bits and name in ("scales", "biases"):
+                continue
+            n += v.size * 32 // bits if bits and name == "weight" else v.size
+    lm_head = getattr(model, "lm_head", None)
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if lm_head is not None and embed is not None:
+        n -= embed.weight.size * (32 // embed.bits if hasattr(embed, "bits") else 1)
+    return n
+
+
+def measure_ceiling(tries: int = 3) -> float:
+    """This machine's matmul GFLOP/s as ``mlxft doctor`` measures it (512² float32), best of a few
+    tries: the ceiling decode is compared with, taken at the time of the eval."""
+    return round(max(doctor.matmul_gflops() for _ in range(tries)), 1)
+
+
+def _rate(st: dict) -> float | None:
+    return round(st["decode_tokens"] / st["decode_s"], 1) if st.get("decode_s") else None
+
+
+def ceiling_fraction(st: dict, params: int | None) -> float | None:
+    """Decode's matmul rate (2 FLOPs per weight per token, every row of the batch counted, stopped
+    rows waiting to leave included) over the machine's measured matmul GFLOP/s."""
+    if not params or not st.get("decode_s") or not st.get("ceiling_gflops"):
+        return None
+    return round(_rate(st) * 2 * params / 1e9 / st["ceiling_gflops"], 3)
+
+
+def summary(st: dict, params: int | None) -> str:
+    """The engine's line after decode: where the time went, and how far below the machine's
+    compute ceiling decode ran (an eval far below it has something else eating the machine)."""
+    line = (f"batched engine: prefill {st['prompt_tokens']} tokens in {st['prompt_s']:.1f} s, decode "
+            f"{st['decode_tokens']} tokens ({st['useful_tokens']} kept) in {st['decode_s']:.1f} s")
+    frac = ceiling_fraction(st, params)
+    if frac is None:
+        return line
+    return (line + f" = {_rate(st):.0f} tokens/s x {2 * params / 1e9:.2f} GFLOP = {frac:.0%} of this machine's "
+            f"matmul ceiling ({st['ceiling_gflops']:.0f} GFLOP/s, as mlxft doctor measures it)")

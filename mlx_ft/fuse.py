@@ -4,6 +4,10 @@ mlx-lm's own fuse re-quantizes at the base's bits with no bits option, and fusin
 delta into already-quantized weights can round it away (a merged model that no longer behaves like its adapter). So: dequantize
 the base, fuse, measure how much of each LoRA delta survives quantization, quantize, write the
 folder atomically, then evaluate the fused model beside its adapter (``compare_with_adapter``).
+By default one layer at a time (mlx_ft/fuse_stream.py: a 30B base need not fit in memory at full
+precision); ``in_memory`` does the whole model at once, the reference the streamed path must equal
+bit for bit. Scales, biases and unquantized tensors are written in ``dtype`` (float16 by default:
+a float32 base's float32 scales made ``--bits 5`` 7 bits per weight).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from pathlib import Path
 
 from mlx_ft.errors import ModelError, UserError
 from mlx_ft.files import read_json, staged_dir, write_json
+from mlx_ft.fuse_stream import base_weight
 from mlx_ft.memory import check_memory
 from mlx_ft.models import identity
 
@@ -66,19 +71,6 @@ def resolve_source(run: str | Path | None, adapter: str | Path | None, model: st
 
 def _lora_modules(model) -> list[tuple[str, object]]:
     return [(n, m) for n, m in model.named_modules() if hasattr(m, "fuse") and hasattr(m, "lora_a")]
-
-
-FUSABLE = ("Linear", "SwitchLinear", "Embedding")  # what a LoRA layer's base is once the model is dequantized
-
-
-def base_weight(name: str, lora):
-    """The full-precision weight a LoRA layer adapts (Linear, a mixture-of-experts SwitchLinear, Embedding)."""
-    base = lora.get("linear", lora.get("embedding"))
-    if type(base).__name__ not in FUSABLE:
-        raise ModelError(f"{name}: a {type(lora).__name__} over a {type(base).__name__}; mlxft fuse merges LoRA into "
-                         f"{', '.join(FUSABLE)} layers only; use `mlx_lm.fuse` for this model, or evaluate the "
-                         "adapter unfused")
-    return base.weight
 
 
 def survival_row(name: str, w_base, w_fused, bits: int, group_size: int, dtype=None) -> dict | None:
@@ -134,6 +126,7 @@ def fuse(adapter: Path, base: Path, out: Path, bits: int = 5, group_size: int = 
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it, or choose another --out")
     t0 = time.perf_counter()
+    _reset_peak_rss()
     _check_memory(adapter, base, bits, log, streamed=not in_memory)
     with staged_dir(out, force=force) as tmp:
         build = _fuse_in_memory if in_memory else _fuse_streamed
@@ -169,8 +162,6 @@ def _fuse_in_memory(adapter: Path, base: Path, tmp: Path, bits: int, group_size:
     from mlx.utils import tree_flatten
     from mlx_lm.utils import compute_bits_per_weight, save
 
-    from mlx_ft.fingerprint import fingerprint_model
-
     model, tok, config, base_bits = _load_full_precision(base, log)
     pairs = _merge(model, adapter, log)
     surv = survival(pairs, bits, group_size, dtype)
@@ -179,21 +170,34 @@ def _fuse_in_memory(adapter: Path, base: Path, tmp: Path, bits: int, group_size:
     if bits != 16:
         model, config = _quantize(model, config, bits, group_size, recipe, log)
     model.eval()
-    fp = fingerprint_model(model, tok)
     log(f"writing {tmp}")
     save(tmp, base, model, tok, config, donate_model=False)
-    return {"base_bits": base_bits, "survival": surv, "fingerprint": fp,
-            "parameters": sum(v.size for _, v in tree_flatten(model.parameters())),
-            "bits_per_weight": compute_bits_per_weight(model)}
+    built = {"base_bits": base_bits, "survival": surv,
+             "parameters": sum(v.size for _, v in tree_flatten(model.parameters())),
+             "bits_per_weight": compute_bits_per_weight(model)}
+    del model
+    return {**built, "fingerprint": fingerprint_folder(tmp)}
+
+
+def fingerprint_folder(folder: Path) -> dict:
+    """The fused model's probe answer, loaded back from its folder (quantized: the output's size).
+    Where quantized kernels are slow (CPU), computed in float32 like the view ``eval_view`` serves:
+    float16 arithmetic there is emulated, ~25x slower (measured: 367 s vs 15 s for the demo)."""
+    import mlx.core as mx
+    from mlx_lm.utils import load
+
+    from mlx_ft.fingerprint import fingerprint_model
+
+    model, tok = load(str(folder))
+    if quantized_kernels_are_slow():
+        model.set_dtype(mx.float32)
+    return fingerprint_model(model, tok)
 
 
 def _fuse_streamed(adapter: Path, base: Path, tmp: Path, bits: int, group_size: int, recipe: str | None, dtype,
                    log: Callable[[str], None], **kw) -> dict:
     """mlx_ft/fuse_stream.py writes the folder layer by layer; the fused model is loaded back
     (quantized: the output's size) only for its fingerprint."""
-    from mlx_lm.utils import load
-
-    from mlx_ft.fingerprint import fingerprint_model
     from mlx_ft.fuse_stream import stream_fuse
 
     rows = []
@@ -201,8 +205,7 @@ def _fuse_streamed(adapter: Path, base: Path, tmp: Path, bits: int, group_size: 
     built = stream_fuse(adapter, base, tmp, bits, group_size, recipe, dtype,
                         lambda n, b, f: rows.append(survival_row(n, b, f, bits, group_size, dtype)), **kw)
     log(f"fused {len(rows)} adapted layers")
-    model, tok = load(str(tmp))
-    return {**built, "survival": summarize_survival(rows), "fingerprint": fingerprint_model(model, tok),
+    return {**built, "survival": summarize_survival(rows), "fingerprint": fingerprint_folder(tmp),
             "bits_per_weight": built["weights_bytes"] * 8 / built["total_parameters"]}
 
 
@@ -259,7 +262,18 @@ def _quantize(model, config: dict, bits: int, group_size: int, recipe: str | Non
         return quantize_model(model, config, group_size, bits, quant_predicate=predicate)
 
 
+def _reset_peak_rss() -> None:
+    """Start the peak-RSS count at this fuse (Linux): ``mlxft run`` trains in the same process, and a
+    forked child's ru_maxrss starts at its parent's RSS."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def _peak_rss_bytes() -> int:
+    """VmHWM since :func:`_reset_peak_rss` where /proc has it, else the process's ru_maxrss."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) * 1024
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

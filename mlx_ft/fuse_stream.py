@@ -96,6 +96,19 @@ def quant_decider(model, config: dict, bits: int, group_size: int, recipe: str |
     return decide, qconfig
 
 
+FUSABLE = ("Linear", "SwitchLinear", "Embedding")  # what a LoRA layer's base is once the model is dequantized
+
+
+def base_weight(name: str, lora):
+    """The full-precision weight a LoRA layer adapts (Linear, a mixture-of-experts SwitchLinear, Embedding)."""
+    base = lora.get("linear", lora.get("embedding"))
+    if type(base).__name__ not in FUSABLE:
+        raise ModelError(f"{name}: a {type(lora).__name__} over a {type(base).__name__}; mlxft fuse merges LoRA into "
+                         f"{', '.join(FUSABLE)} layers only; use `mlx_lm.fuse` for this model, or evaluate the "
+                         "adapter unfused")
+    return base.weight
+
+
 def is_lora(module) -> bool:
     return hasattr(module, "fuse") and hasattr(module, "lora_a")
 
@@ -103,7 +116,7 @@ def is_lora(module) -> bool:
 def dequantized(module):
     """One layer as ``mlx_lm.utils.dequantize_model`` turns it (the same ``mx.dequantize``)."""
     import mlx.core as mx
-    import mlx.nn as nn
+    from mlx import nn
     from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
     kinds = {nn.QuantizedLinear: nn.Linear, nn.QuantizedEmbedding: nn.Embedding, QuantizedSwitchLinear: SwitchLinear}
@@ -122,7 +135,7 @@ def dequantized(module):
 def units(model) -> Iterator[tuple[str, object, str]]:
     """(path, module, kind) in the model's parameter order: 'lora' (an adapted layer with its
     base), 'layer' (any other leaf module), then 'loose' (arrays held by a module with children)."""
-    import mlx.nn as nn
+    from mlx import nn
     from mlx.utils import tree_flatten
 
     modules = dict(model.named_modules())
@@ -171,8 +184,8 @@ def stream_layers(model, writer: ShardWriter, decide, dtype, on_pair: Callable) 
 
     n_params = 0
     for path, unit, kind in list(units(model)):
-        if kind == "loose":
-            tensors = {f"{path}.{k}": _cast(unit[k], dtype) for k in _arrays(unit)}
+        if kind == "loose":  # arrays of a module with children: cast like model.set_dtype casts them
+            tensors = {f"{path}.{k}": _cast(unit.pop(k), dtype) for k in _arrays(unit)}
         else:
             layer = full_precision(path, unit, kind, on_pair)
             layer.set_dtype(dtype)
@@ -181,10 +194,6 @@ def stream_layers(model, writer: ShardWriter, decide, dtype, on_pair: Callable) 
             tensors = {f"{path}.{k}": v for k, v in tree_flatten(layer.parameters())}
             n_params += _n_params(layer)
             del layer
-        if kind == "loose":
-            for k in _arrays(unit):
-                del unit[k]
-        else:
             _drop(unit)
         mx.eval(tensors)
         writer.add(tensors)
@@ -196,8 +205,6 @@ def stream_layers(model, writer: ShardWriter, decide, dtype, on_pair: Callable) 
 def full_precision(path: str, unit, kind: str, on_pair: Callable):
     """The layer in full precision as the in-memory path has it: dequantized, and for an adapted
     layer fused with mlx-lm's own ``fuse()`` (LoRA, DoRA, mixture-of-experts) over that base."""
-    from mlx_ft.fuse import base_weight
-
     if kind == "layer":
         return dequantized(unit)
     inner = "linear" if "linear" in unit else "embedding"

@@ -56,9 +56,9 @@ def fuse_stage(cfg: TrainConfig, best: dict, suite, force: bool, log: Log) -> di
         return None
     out = Path(cfg.fuse.out or f"fused_models/{cfg.name}-{cfg.fuse.bits}bit")
     record = read_json(out / "fused.json") if (out / "fused.json").is_file() else None
+    settings = (cfg.fuse.bits, cfg.fuse.group_size, cfg.fuse.dtype)
     same = record is not None and record.get("source_checkpoint") == str(Path(adapter).resolve()) and (
-        record.get("bits"), record.get("group_size"), record.get("dtype")) == (cfg.fuse.bits, cfg.fuse.group_size,
-                                                                              cfg.fuse.dtype)
+        record.get("bits"), record.get("group_size"), record.get("dtype")) == settings
     if same and not force and record.get("eval", {}).get("suite") == suite.name:
         log(f"fuse: {out} already holds {Path(adapter).name} at {cfg.fuse.bits} bits, evaluated; skipping")
         return {**record, "out": str(out)}

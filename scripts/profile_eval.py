@@ -6,8 +6,8 @@
 
 batched: the real steps of ``mlx_ft.engine_batched.BatchedEngine`` timed one by one on base + every
 checkpoint: model load, reading the adapters strictly and stacking them, the fingerprint probes,
-then generation (shared prompt prefix, mlx-lm's own prefill and decode counters); and this
-process's peak RSS.
+then generation (shared prompt prefix, prefill and decode times, decode's share of the machine's
+matmul ceiling); and this process's peak RSS.
 server: through the same isolated server mlxft uses: start until ready; the probe request that
 makes the server load the adapter (it reloads the base with it); the suite's prompts with
 max_tokens=1 (prefill, batched); the same prompts at the suite's max_tokens (prefill + decode);
@@ -74,6 +74,11 @@ def profile_batched(targets, suite) -> None:
     print(f"prefill                    {st['prompt_s']:.2f} s for {st['prompt_tokens']} tokens")
     print(f"decode                     {st['decode_s']:.2f} s for {st['decode_tokens']} tokens "
           f"({st['decode_tokens'] / st['decode_s']:.0f} tokens/s; {st['useful_tokens']} kept)")
+    d = engine.details()
+    if d["ceiling_fraction"] is not None:
+        print(f"decode vs compute ceiling  {d['ceiling_fraction']:.0%} ({d['decode_tokens_per_s']} tokens/s x 2 x "
+              f"{engine.params / 1e6:.1f} M weights; matmul {d['matmul_gflops']} GFLOP/s, best of mlxft doctor's test "
+              "before/after decode)")
     print(f"generate wall              {gen_s:.2f} s (shared prefix, prefill, decode, detokenize)")
     print(f"total                      {total:.2f} s ({total / len(targets):.2f} s per target)")
     print(f"peak RSS                   {rss / 1e9:.2f} GB")

@@ -29,13 +29,26 @@ def texts(path: Path) -> list[str]:
     return [x["text"] for x in json.loads(path.read_text())["results"]]
 
 
-def test_in_loop_results_are_what_mlxft_eval_gives(tmp_path, tiny_data, embedded_model):
+@pytest.fixture(scope="module")
+def loop_run(tmp_path_factory, embedded_model):
+    """One real run trained with eval in the loop (4 steps, 2 checkpoints, 3 prompts), shared."""
     from mlx_ft.train import train
 
-    suite = small_suite(tmp_path, n=3, max_tokens=16)
-    cfg = load_config(None, loop_config(tmp_path, tiny_data, suite))
-    summary = train(cfg)
-    run = cfg.run_dir
+    from .conftest import DATA
+
+    root = tmp_path_factory.mktemp("loop")
+    data = root / "data"
+    data.mkdir()
+    for split, n in (("train", 8), ("valid", 4)):
+        (data / f"{split}.jsonl").write_text("\n".join((DATA / f"{split}.jsonl").read_text().splitlines()[:n]) + "\n")
+    suite = small_suite(root, n=3, max_tokens=16)
+    cfg = load_config(None, loop_config(root, data, suite))
+    return cfg, train(cfg)
+
+
+def test_in_loop_results_are_what_mlxft_eval_gives(tmp_path, loop_run):
+    cfg, summary = loop_run
+    suite, run = Path(cfg.eval_suite), cfg.run_dir
     names = ["base", "step_000002", "step_000004"]
     assert sorted(p.parent.name for p in run.glob("evals/*/mini.json")) == names
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -82,14 +95,22 @@ def test_early_stop_needs_the_loop_eval(tmp_path, tiny_data):
     assert r.exit_code == 2 and "eval_during_training" in r.output and "eval_suite" in r.output
 
 
-def test_mlxft_run_resumes_after_an_interruption_without_redoing_stages(tmp_path, tiny_data, embedded_model,
-                                                                        monkeypatch):
+def test_mlxft_run_resumes_after_an_interruption_without_redoing_stages(tmp_path, loop_run, monkeypatch):
+    """The shared run stands for a first `mlxft run` that trained, then was stopped; every later
+    invocation continues where the last one stopped, never redoing a finished stage."""
     from mlx_ft import pipeline
+    from mlx_ft.config import to_dict
 
-    suite = small_suite(tmp_path, n=2, max_tokens=8)
+    trained, _ = loop_run
+    shutil.copytree(trained.run_dir, tmp_path / "runs" / "loop", ignore=shutil.ignore_patterns("evals"))
+    shutil.copytree(trained.run_dir / "evals" / "base", tmp_path / "runs" / "loop" / "evals" / "base")
+    cfg = to_dict(load_config(None, {**to_dict(trained), "runs_dir": str(tmp_path / "runs"),
+                                     "fuse": {"bits": 4, "group_size": 32, "out": str(tmp_path / "fused")}}))
+    run = tmp_path / "runs" / "loop"
+    run_json = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**run_json, "config": cfg}))  # as if `mlxft run` had trained it
     cfg_path = tmp_path / "run.yaml"
-    cfg_path.write_text(yaml.safe_dump(loop_config(tmp_path, tiny_data, suite,
-                                                   fuse={"bits": 4, "out": str(tmp_path / "fused")})))
+    cfg_path.write_text(yaml.safe_dump(cfg))
     real_pick = pipeline.pick_best
 
     def interrupted(*a, **k):
@@ -98,8 +119,8 @@ def test_mlxft_run_resumes_after_an_interruption_without_redoing_stages(tmp_path
     monkeypatch.setattr(pipeline, "pick_best", interrupted)  # Ctrl-C between eval and pick-best
     r = CliRunner().invoke(main, ["run", "-c", str(cfg_path)])
     assert r.exit_code == 130
-    run = tmp_path / "runs" / "loop"
-    trained = (run / "checkpoints" / "step_000004" / "adapters.safetensors").read_bytes()
+    assert "is complete (2 checkpoints); skipping" in r.output and "base: already evaluated" in r.output
+    weights = (run / "checkpoints" / "step_000004" / "adapters.safetensors").read_bytes()
     assert not (run / "best.json").exists()
 
     def pick_a_checkpoint(*a, **k):  # the base wins on 2 prompts after 4 steps; make the fuse stage run
@@ -113,7 +134,7 @@ def test_mlxft_run_resumes_after_an_interruption_without_redoing_stages(tmp_path
     assert "is complete (2 checkpoints); skipping" in r.output
     for name in ("base", "step_000002", "step_000004"):  # the in-loop results, not evaluated again
         assert f"{name}: already evaluated" in r.output
-    assert (run / "checkpoints" / "step_000004" / "adapters.safetensors").read_bytes() == trained  # not retrained
+    assert (run / "checkpoints" / "step_000004" / "adapters.safetensors").read_bytes() == weights  # not retrained
     fused = json.loads((tmp_path / "fused" / "fused.json").read_text())
     assert fused["source_checkpoint"].endswith("step_000004") and fused["bits"] == 4 and "eval" in fused
     assert "fused model:" in r.output and "report:" in r.output and (run / "report.html").is_file()
