@@ -23,7 +23,7 @@ def run_cmd(config_path: Path, force: bool, as_json: bool) -> None:
     the same command again after a crash or Ctrl-C continues where it stopped.
     """
     from mlx_ft.pipeline import run_pipeline
-    from mlx_ft.recipe import load_config
+    from mlx_ft.train_config import load_config
 
     out = run_pipeline(load_config(config_path), force=force, log=log)
     lines = [f"chosen: {out['chosen']['name']} of {out['run']}", out["reason"]]

@@ -134,7 +134,7 @@ def _seed_configs(cfg, seeds: str) -> list:
 
 def _train_spread(configs, hostfile, force: bool) -> None:
     """Each seed's run as a job on some host of the hostfile (see hosts.py)."""
-    from mlx_ft.config import to_dict
+    from mlx_ft.configfile import to_dict
     from mlx_ft.errors import OutputExistsError
     from mlx_ft.files import write_json
     from mlx_ft.hosts import Job, load_hosts, mlxft_argv, spread

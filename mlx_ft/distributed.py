@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from mlx_ft import _blas
-from mlx_ft.config import to_dict
+from mlx_ft.configfile import to_dict
 from mlx_ft.errors import ConfigError, TrainingError, UserError
 from mlx_ft.hosts import load_hosts
 from mlx_ft.files import read_json, write_json

@@ -16,7 +16,7 @@ from mlx_ft import runs
 from mlx_ft.engine_batched import BatchedEngine
 from mlx_ft.evaluate import bind, prepare, reusable, run_engine
 from mlx_ft.files import read_json
-from mlx_ft.recipe import EarlyStop
+from mlx_ft.train_config import EarlyStop
 from mlx_ft.selection import wilson
 from mlx_ft.targets import Target
 

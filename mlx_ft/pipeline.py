@@ -13,12 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from mlx_ft import runs
-from mlx_ft.config import to_dict
+from mlx_ft.configfile import to_dict
 from mlx_ft.errors import UserError
 from mlx_ft.evaluate import evaluate_targets, open_suite
 from mlx_ft.files import read_json
 from mlx_ft.fuse import compare_with_adapter, fuse
-from mlx_ft.recipe import TrainConfig
+from mlx_ft.train_config import TrainConfig
 from mlx_ft.report import write_report
 from mlx_ft.selection import pick_best, write_best
 from mlx_ft.targets import run_targets

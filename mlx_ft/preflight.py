@@ -21,7 +21,7 @@ from mlx_ft import data as datamod
 from mlx_ft.errors import ConfigError, DataError, TrainingError
 from mlx_ft.memory import check_memory
 from mlx_ft.models import resolve_model
-from mlx_ft.recipe import TrainConfig, lora_parameters
+from mlx_ft.train_config import TrainConfig, lora_parameters
 from mlx_ft.suite import load_suite
 
 

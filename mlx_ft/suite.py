@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlx_ft import config as cfgmod
+from mlx_ft import configfile as cfgmod
 from mlx_ft.errors import ConfigError
 from mlx_ft.scoring import Expect, Rubric, Score, judge
 from mlx_ft.task import Task, check_format, digest, openai_tools, tools_in_system

@@ -31,7 +31,7 @@ from mlx_lm.tuner.trainer import TrainingArgs, TrainingCallback, iterate_batches
 from mlx_lm.tuner.trainer import evaluate as evaluate_loss
 from mlx_lm.tuner.trainer import train as mlx_train
 
-from mlx_ft import config as cfgmod
+from mlx_ft import configfile as cfgmod
 from mlx_ft import data as datamod
 from mlx_ft import runs
 from mlx_ft.checkpoints import load_training_state, write_checkpoint
@@ -42,7 +42,7 @@ from mlx_ft.models import identity
 from mlx_ft.fingerprint import fingerprint_model
 from mlx_ft.loop_eval import LoopEval
 from mlx_ft.preflight import Prepared, prepare
-from mlx_ft.recipe import LoraConfig, TrainConfig, adapter_config, load_config
+from mlx_ft.train_config import LoraConfig, TrainConfig, adapter_config, load_config
 from mlx_ft.runs import complete_checkpoints
 from mlx_ft.suite import load_suite
 

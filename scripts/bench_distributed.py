@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psutil  # noqa: E402
 
 from mlx_ft import distributed  # noqa: E402
-from mlx_ft.config import to_dict  # noqa: E402
+from mlx_ft.configfile import to_dict  # noqa: E402
 from mlx_ft.files import read_json, write_json  # noqa: E402
 from mlx_ft.models import resolve_model  # noqa: E402
-from mlx_ft.recipe import load_config  # noqa: E402
+from mlx_ft.train_config import load_config  # noqa: E402
 
 
 def self_cpu() -> float:

@@ -270,7 +270,7 @@ def test_16bit_scales_make_5_bits_about_6(tmp_path, embedded_model):
 
 def test_bad_dtype_is_refused_with_the_fix():
     from mlx_ft.fuse import check_args
-    from mlx_ft.recipe import FuseStage
+    from mlx_ft.train_config import FuseStage
 
     with pytest.raises(UserError, match="--dtype float8.*float16, bfloat16, float32"):
         check_args(5, 32, None, "float8")

@@ -11,7 +11,7 @@ import yaml
 from click.testing import CliRunner
 
 from mlx_ft.cli import main
-from mlx_ft.recipe import EarlyStop, load_config
+from mlx_ft.train_config import EarlyStop, load_config
 
 from .conftest import small_suite
 
@@ -99,7 +99,7 @@ def test_mlxft_run_resumes_after_an_interruption_without_redoing_stages(tmp_path
     """The shared run stands for a first `mlxft run` that trained, then was stopped; every later
     invocation continues where the last one stopped, never redoing a finished stage."""
     from mlx_ft import pipeline
-    from mlx_ft.config import to_dict
+    from mlx_ft.configfile import to_dict
 
     trained, _ = loop_run
     shutil.copytree(trained.run_dir, tmp_path / "runs" / "loop", ignore=shutil.ignore_patterns("evals"))

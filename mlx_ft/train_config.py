@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from mlx_ft import config as cfgmod
+from mlx_ft import configfile as cfgmod
 
 
 @dataclass(frozen=True)
