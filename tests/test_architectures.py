@@ -86,13 +86,7 @@ def _greedy_reference(model, tok, prompt: list[int]) -> list[int]:
 def _batched(engine, tok, rows) -> dict:
     from mlx_ft import batched
 
-    done = {}
-    if hasattr(batched, "decode"):  # the batched engine's generator (named generate before)
-        for d in batched.decode(engine, tok, rows):
-            done[d.key] = d.token_ids
-    else:
-        batched.generate(engine, tok, rows, on_done=lambda d: done.__setitem__(d.key, d.token_ids))
-    return done
+    return {d.key: d.token_ids for d in batched.decode(engine, tok, rows)}
 
 
 def _logprobs(model, tokens, start):
