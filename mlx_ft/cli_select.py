@@ -108,9 +108,9 @@ def pick_best_cmd(run_dir, run_dirs, suite, metric, confirm_split, bootstrap, pr
               show_default=True,
               help="Serve the fused model with its quantized kernels, or its exact dequantized weights "
                    "(auto: dequantized on CPU, where quantized kernels are 10-15x slower).")
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True,
-              help="Of the scales, biases and unquantized tensors (16-bit: --bits 5 --group-size 32 is 6.0 bits "
-                   "per weight; float32 scales made it 7).")
+@click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]), default="auto", show_default=True,
+              help="Of the scales, biases and unquantized tensors. auto: the base's own 16-bit dtype, float16 for "
+                   "a float32 base (16-bit: --bits 5 --group-size 32 is 6.0 bits per weight; float32 makes it 7).")
 @click.option("--in-memory", is_flag=True,
               help="Dequantize the whole base at once (the old way; needs the model in full precision in memory) "
                    "instead of streaming it layer by layer.")

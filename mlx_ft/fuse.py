@@ -22,17 +22,28 @@ from pathlib import Path
 from mlx_ft.errors import ModelError, UserError
 from mlx_ft.files import read_json, staged_dir, write_json
 from mlx_ft.fuse_stream import base_weight
-from mlx_ft.memory import check_memory
+from mlx_ft.memory import check_memory, float_dtype
 from mlx_ft.models import identity
 
 BITS = (2, 3, 4, 5, 6, 8, 16)
 GROUP_SIZES = (32, 64, 128)
 RECIPES = ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6")
-DTYPES = ("float16", "bfloat16", "float32")  # of the scales, biases and unquantized tensors written
+DTYPES = ("auto", "float16", "bfloat16", "float32")  # of the scales, biases and unquantized tensors written
 SURVIVAL_WARN = 0.5  # cosine of (quantized fused - quantized base) vs the LoRA delta
 
 
-def check_args(bits: int, group_size: int, recipe: str | None, dtype: str = "float16") -> None:
+def output_dtype(dtype: str, base: Path) -> str:
+    """``auto``: the base's own 16-bit dtype (bfloat16 for most bases users have); for a float32
+    base, float16, whose 11-bit mantissa keeps the scales of an 8-bit fuse exact enough (bfloat16's 8
+    bits made an 8-bit fuse no closer to its adapter than a 4-bit one). float16 tops out at 65,504:
+    a model with larger activations wants ``--dtype bfloat16``."""
+    if dtype != "auto":
+        return dtype
+    found = float_dtype(base)
+    return found if found in ("float16", "bfloat16") else "float16"
+
+
+def check_args(bits: int, group_size: int, recipe: str | None, dtype: str = "auto") -> None:
     if bits not in BITS:
         raise UserError(f"--bits {bits}: use one of {', '.join(map(str, BITS))} (16 keeps full precision)")
     if group_size not in GROUP_SIZES:
@@ -115,7 +126,7 @@ def survival(pairs: list[tuple[str, object, object]], bits: int, group_size: int
 
 
 def fuse(adapter: Path, base: Path, out: Path, bits: int = 5, group_size: int = 32, recipe: str | None = None,
-         force: bool = False, log: Callable[[str], None] = lambda s: None, *, dtype: str = "float16",
+         force: bool = False, log: Callable[[str], None] = lambda s: None, *, dtype: str = "auto",
          in_memory: bool = False, shard_bytes: int | None = None) -> dict:
     """Fuse ``adapter`` into ``base`` at ``bits`` (scales, biases and unquantized tensors in
     ``dtype``) and save atomically. Layer by layer (peak memory: about the output plus a layer or
@@ -123,6 +134,7 @@ def fuse(adapter: Path, base: Path, out: Path, bits: int = 5, group_size: int = 
     import mlx.core as mx
 
     check_args(bits, group_size, recipe, dtype)
+    dtype = output_dtype(dtype, base)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it, or choose another --out")
     t0 = time.perf_counter()

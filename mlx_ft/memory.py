@@ -53,6 +53,15 @@ def _header(path: Path) -> dict:
         return json.loads(f.read(n))
 
 
+def float_dtype(model_path: str | Path) -> str | None:
+    """The dtype most of a model's unquantized tensors are stored in ("float16", "bfloat16",
+    "float32"), read from the safetensors headers; None when there is none to read."""
+    names = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}
+    seen = [names[v["dtype"]] for f in sorted(Path(model_path).glob("*.safetensors"))
+            for k, v in _header(f).items() if k != "__metadata__" and v.get("dtype") in names]
+    return max(set(seen), key=seen.count) if seen else None
+
+
 def model_size(model_path: str | Path) -> ModelSize:
     """Sizes from config.json and the safetensors headers, without reading any weight."""
     path = Path(model_path)

@@ -17,7 +17,7 @@ from mlx_ft.configfile import to_dict
 from mlx_ft.errors import UserError
 from mlx_ft.evaluate import evaluate_targets, open_suite
 from mlx_ft.files import read_json
-from mlx_ft.fuse import compare_with_adapter, fuse
+from mlx_ft.fuse import compare_with_adapter, fuse, output_dtype
 from mlx_ft.train_config import TrainConfig
 from mlx_ft.report import write_report
 from mlx_ft.selection import pick_best, write_best
@@ -55,8 +55,9 @@ def fuse_stage(cfg: TrainConfig, best: dict, suite, force: bool, log: Log) -> di
         log("fuse: the best candidate is the base model itself; nothing to fuse")
         return None
     out = Path(cfg.fuse.out or f"fused_models/{cfg.name}-{cfg.fuse.bits}bit")
+    base = Path(read_json(Path(adapter) / "adapter_config.json")["model"])
     record = read_json(out / "fused.json") if (out / "fused.json").is_file() else None
-    settings = (cfg.fuse.bits, cfg.fuse.group_size, cfg.fuse.dtype)
+    settings = (cfg.fuse.bits, cfg.fuse.group_size, output_dtype(cfg.fuse.dtype, base))
     same = record is not None and record.get("source_checkpoint") == str(Path(adapter).resolve()) and (
         record.get("bits"), record.get("group_size"), record.get("dtype")) == settings
     if same and not force and record.get("eval", {}).get("suite") == suite.name:
@@ -65,8 +66,8 @@ def fuse_stage(cfg: TrainConfig, best: dict, suite, force: bool, log: Log) -> di
     if not same or force:
         if out.exists() and not force and record is None:
             raise UserError(f"{out} exists and is not a fused model of mlxft; set fuse.out in the config")
-        record = fuse(Path(adapter), Path(read_json(Path(adapter) / "adapter_config.json")["model"]), out,
-                      cfg.fuse.bits, cfg.fuse.group_size, force=out.exists(), log=log, dtype=cfg.fuse.dtype)
+        record = fuse(Path(adapter), base, out, cfg.fuse.bits, cfg.fuse.group_size, force=out.exists(), log=log,
+                      dtype=cfg.fuse.dtype)
     record["eval"] = compare_with_adapter(out, Path(adapter), suite, log=log)
     return {**record, "out": str(out)}
 

@@ -43,10 +43,10 @@ class FuseStage:
     bits: int | None = None
     group_size: int = 32
     out: str | None = None  # default fused_models/<run name>-<bits>bit
-    dtype: str = "float16"  # of the scales, biases and unquantized tensors: float16, bfloat16 or float32
+    dtype: str = "auto"  # of the scales, biases, unquantized tensors: auto (the base's 16-bit dtype), float16, ...
 
     def check(self) -> list[str]:
-        dtypes = ("float16", "bfloat16", "float32")
+        dtypes = ("auto", "float16", "bfloat16", "float32")
         return [] if self.dtype in dtypes else [f"dtype: one of {', '.join(dtypes)}, got {self.dtype!r}"]
 
 

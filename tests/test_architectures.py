@@ -138,7 +138,8 @@ def test_train_eval_fuse(arch, bits, tmp_path, data, embedded_model):
 
     row["fuse 4-bit"] = "FAIL"
     out = tmp_path / "fused"
-    rec = fuse(ckpt, base, out, bits=4, group_size=64)
+    # bfloat16: these random tiny models (trained at lr 3e-2) have activations past float16's 65,504
+    rec = fuse(ckpt, base, out, bits=4, group_size=64, dtype="bfloat16")
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 4
     fused = load(str(out))[0]
     # teacher-forced along the adapter's own answer: the fused model's next-token distributions are

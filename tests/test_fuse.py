@@ -268,13 +268,30 @@ def test_16bit_scales_make_5_bits_about_6(tmp_path, embedded_model):
     assert {v.dtype for k, v in shard.items() if not k.endswith(".weight") or v.dtype != mx.uint32} == {mx.float16}
 
 
+def test_auto_dtype_keeps_a_16_bit_base_and_gives_a_float32_base_float16(tmp_path, embedded_model):
+    """A 16-bit base keeps its own dtype (bfloat16 stays bfloat16); a float32 base gets float16."""
+    import mlx.core as mx
+
+    from mlx_ft.fuse import output_dtype
+
+    base = tiny_model(tmp_path / "base", "llama", embedded_model)
+    assert output_dtype("auto", base) == "float16" and output_dtype("bfloat16", base) == "bfloat16"
+    half = tmp_path / "half"
+    half.mkdir()
+    for f in base.iterdir():
+        (half / f.name).write_bytes(f.read_bytes())
+    weights = {k: v.astype(mx.bfloat16) for k, v in mx.load(str(half / "model.safetensors")).items()}
+    mx.save_safetensors(str(half / "model.safetensors"), weights, metadata={"format": "mlx"})
+    assert output_dtype("auto", half) == "bfloat16"
+
+
 def test_bad_dtype_is_refused_with_the_fix():
     from mlx_ft.fuse import check_args
     from mlx_ft.train_config import FuseStage
 
     with pytest.raises(UserError, match="--dtype float8.*float16, bfloat16, float32"):
         check_args(5, 32, None, "float8")
-    assert FuseStage(bits=5, dtype="int8").check() == ["dtype: one of float16, bfloat16, float32, got 'int8'"]
+    assert FuseStage(bits=5, dtype="int8").check() == ["dtype: one of auto, float16, bfloat16, float32, got 'int8'"]
     assert FuseStage(bits=5).check() == []
     from click.testing import CliRunner
 
