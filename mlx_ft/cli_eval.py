@@ -131,4 +131,4 @@ def _eval_spread(targets, suite, hostfile, *, suite_path, limit, run_dir, engine
                         log_path=Path(run_dir) / "evals" / f"spread-{len(jobs)}.log"))
     log(f"spreading {len(targets)} target(s) over {len(jobs)} host(s)")
     spread(jobs, hosts, log=log)
-    return [read_json(t.result_path(suite)) for t in targets]
+    return [read_json(t.result_path(suite.name)) for t in targets]

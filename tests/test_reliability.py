@@ -112,7 +112,7 @@ def test_sigterm_during_fuse_leaves_no_half_written_folder(tmp_path, trained_run
     out = tmp_path / "fused"
     proc = _spawn(["fuse", "--adapter", str(trained_run / "checkpoints" / "step_000006"), "--bits", "4",
                    "--out", str(out), "--no-eval"])
-    _wait_for(proc, r"quantizing|writing")
+    _wait_for(proc, r"layer by layer|quantizing|writing")  # mid-fuse: the staged folder is being written
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     assert not out.exists()
@@ -148,7 +148,7 @@ def test_server_killed_mid_eval_keeps_prompts_and_resume_completes(tmp_path, emb
 def test_batched_eval_killed_keeps_prompts_and_resume_completes(tmp_path, trained_run):
     """SIGKILL mid-way through a batched eval of base + 2 checkpoints: every scored prompt is kept,
     no target that was still running has a final result, and --resume asks only for the rest."""
-    suite = small_suite(tmp_path, n=8, max_tokens=16)
+    suite = small_suite(tmp_path, n=12, max_tokens=16)  # 12 prompts: a target's partial file reaches 8 rows
     run = tmp_path / "run"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("evals"))
     args = ["eval", "--prompts", str(suite), "--run", str(run), "--concurrency", "4"]  # waves of 4 rows
