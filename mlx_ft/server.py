@@ -1,6 +1,6 @@
 """An ``mlx_lm.server`` child that is provably serving the model we meant.
 
-Seed 004 scored the wrong model because port 8080 was taken and a health probe was answered by
+An eval once scored the wrong model because port 8080 was taken and a health probe was answered by
 another server. mlx-lm's server makes that easy to repeat: on a taken port it logs "Address already
 in use" and *hangs*; ``/health`` says ok whatever is loaded; the response's ``model`` field echoes
 the request; a per-request adapter is silently ignored unless ``model`` is sent too. So "ready"
