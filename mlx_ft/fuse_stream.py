@@ -235,6 +235,16 @@ def load_lazy(base: Path, adapter: Path):
     return model, config, base_bits
 
 
+def read_weights(folder: Path) -> dict:
+    """Every tensor of a model folder's shards (``model*.safetensors``), by name."""
+    import mlx.core as mx
+
+    out = {}
+    for f in sorted(Path(folder).glob("model*.safetensors")):
+        out.update(mx.load(str(f)))
+    return out
+
+
 def write_folder(tmp: Path, base: Path, config: dict, keep_vision: bool) -> None:
     """Everything ``mlx_lm.utils.save`` writes beside the weights."""
     from mlx_lm.utils import create_model_card, load_tokenizer, save_config

@@ -267,7 +267,7 @@ def scan_markers(text: str, tools: Any, name: str) -> Extraction:
             calls.extend(found)
             spans.extend([(a, span_end)] * len(found))
         pos = span_end if span_end > a else a + 1
-    outside = _outside_spans(text, spans) if calls else text
+    outside = outside_spans(text, spans) if calls else text
     inner = INNER_MARKERS.get(name)
     if not calls and not problem:
         if inner and inner in outside:
@@ -277,7 +277,8 @@ def scan_markers(text: str, tools: Any, name: str) -> Extraction:
     return Extraction(calls, spans, problem, code)
 
 
-def _outside_spans(text: str, spans: list[tuple[int, int]]) -> str:
+def outside_spans(text: str, spans: list[tuple[int, int]]) -> str:
+    """``text`` without the (possibly overlapping) ``spans``."""
     rest, last = [], 0
     for a, b in sorted(set(spans)):
         rest.append(text[last:a])

@@ -17,6 +17,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from mlx_ft import parsers
 from mlx_ft.parsers import Call, Extraction, Parser, find_json_objects, get_parser, scan_json
 
 __all__ = [
@@ -238,12 +239,8 @@ def check_args(expect: Any, call: Call) -> tuple[str, str] | None:
 
 
 def outside_spans(text: str, spans: list[tuple[int, int]]) -> str:
-    rest, last = [], 0
-    for a, b in sorted(set(spans)):
-        rest.append(text[last:a])
-        last = max(last, b)
-    rest.append(text[last:])
-    return "".join(rest).strip()
+    """The text around the calls, stripped: what counts as extra text."""
+    return parsers.outside_spans(text, spans).strip()
 
 
 def _with(s: Score, extra: dict) -> Score:

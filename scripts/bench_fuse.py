@@ -110,13 +110,9 @@ def run_child(work: Path, base: Path, adapter: Path, out: str, bits: int, in_mem
 def same_tensors(a: Path, b: Path) -> bool:
     import mlx.core as mx
 
-    def load(folder):
-        out = {}
-        for f in sorted(folder.glob("model*.safetensors")):
-            out.update(mx.load(str(f)))
-        return out
+    from mlx_ft.fuse_stream import read_weights
 
-    ta, tb = load(a), load(b)
+    ta, tb = read_weights(a), read_weights(b)
     return sorted(ta) == sorted(tb) and all(
         ta[k].dtype == tb[k].dtype and mx.array_equal(ta[k].reshape(-1).view(mx.uint8),
                                                       tb[k].reshape(-1).view(mx.uint8)).item() for k in ta)

@@ -172,13 +172,9 @@ def assert_same_folders(a, b, same_shards: bool = True) -> int:
     Returns the number of tensors compared."""
     import mlx.core as mx
 
-    def tensors(folder):
-        out = {}
-        for f in sorted(folder.glob("model*.safetensors")):
-            out.update(mx.load(str(f)))
-        return out
+    from mlx_ft.fuse_stream import read_weights
 
-    ta, tb = tensors(a), tensors(b)
+    ta, tb = read_weights(a), read_weights(b)
     assert sorted(ta) == sorted(tb)
     for k in ta:
         assert (ta[k].dtype, ta[k].shape) == (tb[k].dtype, tb[k].shape), k
