@@ -184,10 +184,9 @@ class TrainingSession:
             self.log(f"step {step}: train loss {row['train_loss']:.3f}, val loss {row['val_loss']:.3f} "
                      "-> checkpoint saved")
             return None
-        record = self.loop_eval.score(self.prep.model, self.prep.tokenizer, step=step, fingerprint=fp,
-                                      val_loss=row["val_loss"])
-        row["eval_score"], row["eval_strict"] = record["summary"]["score"], record["summary"]["pass_rate"]
-        self.log(self.loop_eval.line(record, row["train_loss"], row["val_loss"]) + " -> checkpoint saved")
+        line = self.loop_eval.checkpoint(self.prep.model, self.prep.tokenizer, step=step, fingerprint=fp,
+                                         val_loss=row["val_loss"], train_loss=row["train_loss"])
+        self.log(line + " -> checkpoint saved")
         return self.loop_eval.stop_reason()
 
 
@@ -262,9 +261,8 @@ def _begin(session: TrainingSession, force: bool, worker: bool) -> dict:
     row = {"step": 0, "val_loss": base_val}
     session.log(f"base model val loss {base_val:.3f} on the full validation set ({len(prep.splits['valid'])} examples)")
     if session.loop_eval:
-        record = session.loop_eval.score(prep.model, prep.tokenizer, step=0, fingerprint=base_fp, val_loss=base_val)
-        row["eval_score"], row["eval_strict"] = record["summary"]["score"], record["summary"]["pass_rate"]
-        session.log(session.loop_eval.line(record, None, base_val))
+        session.log(session.loop_eval.checkpoint(prep.model, prep.tokenizer, step=0, fingerprint=base_fp,
+                                                 val_loss=base_val, train_loss=None))
     append_jsonl(runs.metrics_path(run_dir), row)
     return summary
 
@@ -320,6 +318,11 @@ def _run_loop(session: TrainingSession, summary: dict, train_set) -> None:
             summary["eval_seconds_in_loop"] = round(session.loop_eval.eval_seconds, 2)
         if session.rank == 0:
             write_json(runs.run_json(run_dir), summary)
+    if session.loop_eval and session.loop_eval.pending:  # training is complete: score what waited for it
+        for line in session.loop_eval.finish(session.prep.model, session.prep.tokenizer):
+            session.log(line)
+        summary["eval_seconds_in_loop"] = round(session.loop_eval.eval_seconds, 2)
+        write_json(runs.run_json(run_dir), summary)
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None, resume: bool = False,
@@ -348,9 +351,11 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None, resume:
     if previous:
         _restore(session, previous[-1])
         if session.loop_eval:
-            session.loop_eval.restore(session.start_step)
+            session.loop_eval.restore(session.start_step, read_json(runs.run_json(cfg.run_dir))["base"])
         if session.start_step >= cfg.iters or read_json(runs.run_json(cfg.run_dir)).get("early_stop"):
             log("run already complete")
+            for line in session.loop_eval.finish(prep.model, tok) if session.loop_eval else []:
+                log(line)
             return read_json(runs.run_json(cfg.run_dir))
     summary = read_json(runs.run_json(cfg.run_dir)) if resume else _begin(session, force, worker)
     _run_loop(session, summary, CacheDataset(ChatDataset(prep.splits["train"], tok, mask_prompt=cfg.mask_prompt)))

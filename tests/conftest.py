@@ -60,8 +60,10 @@ __all__ = ["copy_suite", "os", "shutil", "tree_snapshot", "write_jsonl"]
 
 
 @pytest.fixture(scope="session")
-def trained_run(tmp_path_factory, embedded_model) -> Path:
-    """One small real training run shared by the fuse and report tests (4 steps, 2 checkpoints)."""
+def trained(tmp_path_factory, embedded_model):
+    """One small real training run shared by the fuse, eval, pipeline and report tests: 6 steps,
+    checkpoints at 3 and 6, the base and both checkpoints scored in the training loop on a 3-prompt
+    suite ("mini"). Returns (config, summary)."""
     from mlx_ft.train import load_config, train
 
     root = tmp_path_factory.mktemp("trained")
@@ -72,9 +74,15 @@ def trained_run(tmp_path_factory, embedded_model) -> Path:
         (data / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
     cfg = load_config(None, {"name": "tiny", "data": str(data), "runs_dir": str(root / "runs"), "iters": 6,
                              "save_every": 3, "batch_size": 2, "num_layers": 4, "learning_rate": 2e-3,
-                             "max_seq_length": 256})
-    train(cfg)
-    return root / "runs" / "tiny"
+                             "max_seq_length": 256, "eval_suite": str(small_suite(root, n=3, max_tokens=16)),
+                             "eval_during_training": True})
+    return cfg, train(cfg)
+
+
+@pytest.fixture(scope="session")
+def trained_run(trained) -> Path:
+    """The shared run's folder (see :func:`trained`)."""
+    return trained[0].run_dir
 
 
 def small_suite(tmp_path: Path, n: int = 3, max_tokens: int = 24) -> Path:

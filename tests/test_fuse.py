@@ -34,8 +34,11 @@ def test_fused_models_load_and_record_what_they_are(fused, source):
         assert cfg["quantization"]["bits"] == bits and cfg["quantization"]["group_size"] == 32
         saved = json.loads((rec["out"] / "fused.json").read_text())
         assert saved["source_checkpoint"] == str(source[0].resolve()) and saved["size_bytes"] > 0
-        model, tok = load(str(rec["out"]))
-        assert generate(model, tok, "hello", max_tokens=2) is not None
+        model, tok = load(str(rec["out"]))  # mlx-lm reads the folder as is
+        assert type(model.layers[0].mlp.down_proj).__name__ == "QuantizedLinear"
+        assert model.layers[0].mlp.down_proj.bits == bits
+        if bits == 5:  # the default; on a CPU every 16-bit quantized token costs seconds, so one model answers
+            assert generate(model, tok, "hello", max_tokens=1)
     sizes = [fused[b]["size_bytes"] for b in (4, 5, 8)]
     assert sizes == sorted(sizes)
 
@@ -71,7 +74,7 @@ def test_fused_8bit_answers_like_the_adapter(fused, trained_run, embedded_model)
         return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
     ref = logprobs(adapter)
-    others = {"base": load(str(embedded_model))[0], **{b: load(str(fused[b]["out"]))[0] for b in (4, 8)}}
+    others = {"base": load(str(embedded_model))[0], **{b: dequantized(fused[b]["out"]) for b in (4, 8)}}
     lp = {k: logprobs(m) for k, m in others.items()}
     kl = {k: (mx.exp(ref) * (ref - v)).sum(axis=-1).mean().item() for k, v in lp.items()}  # KL(adapter || k)
     agree = {k: (v.argmax(axis=-1) == ref.argmax(axis=-1)).sum().item() for k, v in lp.items()}
@@ -80,6 +83,18 @@ def test_fused_8bit_answers_like_the_adapter(fused, trained_run, embedded_model)
     assert agree[8] >= len(want) - 1, agree  # at most one near-tie flipped by 8-bit rounding
     chosen = mx.take_along_axis(ref, mx.array(want)[:, None], axis=-1)[:, 0]
     assert mx.allclose(chosen, ref.max(axis=-1)).item()  # the recorded answer is the adapter's greedy one
+
+
+def dequantized(folder):
+    """The fused folder's quantized values, dequantized exactly into float32 (what ``mlxft eval`` serves
+    on a CPU, where 16-bit quantized kernels run ~30x slower than float32 ones)."""
+    import mlx.core as mx
+    from mlx_lm import load
+    from mlx_lm.utils import dequantize_model
+
+    model = dequantize_model(load(str(folder))[0])
+    model.set_dtype(mx.float32)
+    return model
 
 
 def test_quantized_base_is_dequantized_before_fusing(tmp_path, source):
@@ -118,8 +133,10 @@ def test_refuses_to_overwrite_and_failure_leaves_nothing(tmp_path, source, monke
 
 
 def test_fused_eval_beside_adapter(tmp_path, fused, source):
-    """The comparison is computed from the two eval records it wrote, prompt by prompt, and the 8-bit
-    fused model answers like its adapter (at most one prompt's text changed by a near-tie flip)."""
+    """The comparison is computed from the two eval records it wrote, prompt by prompt. (How close the
+    8-bit fused model's answers are to its adapter's is test_fused_8bit_answers_like_the_adapter's
+    job, teacher-forced: compared as free-running text, one near-tie flip in this briefly trained,
+    not bit-reproducible checkpoint changes everything after it, and did in CI.)"""
     import numpy as np
 
     from mlx_ft.fuse import quantized_kernels_are_slow
@@ -134,7 +151,7 @@ def test_fused_eval_beside_adapter(tmp_path, fused, source):
     f = {r["id"]: r for r in fused_rec["results"]}
     a = {r["id"]: r for r in adapter_rec["results"]}
     assert cmp["prompts"] == len(f) == len(a) == 3 and set(f) == set(a)
-    assert cmp["identical_outputs"] == sum(f[i]["text"] == a[i]["text"] for i in f) >= 2
+    assert cmp["identical_outputs"] == sum(f[i]["text"] == a[i]["text"] for i in f)
     assert cmp["fused_score"] == fused_rec["summary"]["score"]
     assert cmp["adapter_score"] == adapter_rec["summary"]["score"]
     ids = sorted(f)

@@ -29,30 +29,14 @@ def texts(path: Path) -> list[str]:
     return [x["text"] for x in json.loads(path.read_text())["results"]]
 
 
-@pytest.fixture(scope="module")
-def loop_run(tmp_path_factory, embedded_model):
-    """One real run trained with eval in the loop (4 steps, 2 checkpoints, 3 prompts), shared."""
-    from mlx_ft.train import train
-
-    from .conftest import DATA
-
-    root = tmp_path_factory.mktemp("loop")
-    data = root / "data"
-    data.mkdir()
-    for split, n in (("train", 8), ("valid", 4)):
-        (data / f"{split}.jsonl").write_text("\n".join((DATA / f"{split}.jsonl").read_text().splitlines()[:n]) + "\n")
-    suite = small_suite(root, n=3, max_tokens=16)
-    cfg = load_config(None, loop_config(root, data, suite))
-    return cfg, train(cfg)
-
-
-def test_in_loop_results_are_what_mlxft_eval_gives(tmp_path, loop_run):
-    cfg, summary = loop_run
+def test_in_loop_results_are_what_mlxft_eval_gives(tmp_path, trained):
+    cfg, summary = trained
     suite, run = Path(cfg.eval_suite), cfg.run_dir
-    names = ["base", "step_000002", "step_000004"]
+    names = ["base", "step_000003", "step_000006"]
     assert sorted(p.parent.name for p in run.glob("evals/*/mini.json")) == names
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if "eval_score" in r] == [0, 2, 4]  # base once, then every checkpoint
+    # without early stop nothing waits for a score: the base and both checkpoints are scored together,
+    # in one batch when training ends (one engine, three targets)
+    assert [json.loads((run / "evals" / n / "mini.json").read_text())["engine"]["targets"] for n in names] == [3] * 3
     assert summary["eval_seconds_in_loop"] > 0
     # a later eval of the run finds every target done (nothing loaded, nothing generated) ...
     r = CliRunner().invoke(main, ["eval", "--run", str(run), "--prompts", str(suite)])
@@ -95,18 +79,18 @@ def test_early_stop_needs_the_loop_eval(tmp_path, tiny_data):
     assert r.exit_code == 2 and "eval_during_training" in r.output and "eval_suite" in r.output
 
 
-def test_mlxft_run_resumes_after_an_interruption_without_redoing_stages(tmp_path, loop_run, monkeypatch):
+def test_mlxft_run_resumes_after_an_interruption_without_redoing_stages(tmp_path, trained, monkeypatch):
     """The shared run stands for a first `mlxft run` that trained, then was stopped; every later
     invocation continues where the last one stopped, never redoing a finished stage."""
     from mlx_ft import pipeline
     from mlx_ft.configfile import to_dict
 
-    trained, _ = loop_run
-    shutil.copytree(trained.run_dir, tmp_path / "runs" / "loop", ignore=shutil.ignore_patterns("evals"))
-    shutil.copytree(trained.run_dir / "evals" / "base", tmp_path / "runs" / "loop" / "evals" / "base")
-    cfg = to_dict(load_config(None, {**to_dict(trained), "runs_dir": str(tmp_path / "runs"),
+    src, _ = trained
+    shutil.copytree(src.run_dir, tmp_path / "runs" / "tiny", ignore=shutil.ignore_patterns("evals"))
+    shutil.copytree(src.run_dir / "evals" / "base", tmp_path / "runs" / "tiny" / "evals" / "base")
+    cfg = to_dict(load_config(None, {**to_dict(src), "runs_dir": str(tmp_path / "runs"),
                                      "fuse": {"bits": 4, "group_size": 32, "out": str(tmp_path / "fused")}}))
-    run = tmp_path / "runs" / "loop"
+    run = tmp_path / "runs" / "tiny"
     run_json = json.loads((run / "run.json").read_text())
     (run / "run.json").write_text(json.dumps({**run_json, "config": cfg}))  # as if `mlxft run` had trained it
     cfg_path = tmp_path / "run.yaml"
@@ -120,26 +104,49 @@ def test_mlxft_run_resumes_after_an_interruption_without_redoing_stages(tmp_path
     r = CliRunner().invoke(main, ["run", "-c", str(cfg_path)])
     assert r.exit_code == 130
     assert "is complete (2 checkpoints); skipping" in r.output and "base: already evaluated" in r.output
-    weights = (run / "checkpoints" / "step_000004" / "adapters.safetensors").read_bytes()
+    weights = (run / "checkpoints" / "step_000006" / "adapters.safetensors").read_bytes()
     assert not (run / "best.json").exists()
 
-    def pick_a_checkpoint(*a, **k):  # the base wins on 2 prompts after 4 steps; make the fuse stage run
+    def pick_a_checkpoint(*a, **k):  # whatever wins, make the fuse stage run
         best = real_pick(*a, **k)
-        best["chosen"] = next(c for c in best["table"] if c["name"] == "step_000004")
+        best["chosen"] = next(c for c in best["table"] if c["name"] == "step_000006")
         return best
 
     monkeypatch.setattr(pipeline, "pick_best", pick_a_checkpoint)
     r = CliRunner().invoke(main, ["run", "-c", str(cfg_path)])
     assert r.exit_code == 0, r.output
     assert "is complete (2 checkpoints); skipping" in r.output
-    for name in ("base", "step_000002", "step_000004"):  # the in-loop results, not evaluated again
+    for name in ("base", "step_000003", "step_000006"):  # the in-loop results, not evaluated again
         assert f"{name}: already evaluated" in r.output
-    assert (run / "checkpoints" / "step_000004" / "adapters.safetensors").read_bytes() == weights  # not retrained
+    assert (run / "checkpoints" / "step_000006" / "adapters.safetensors").read_bytes() == weights  # not retrained
     fused = json.loads((tmp_path / "fused" / "fused.json").read_text())
-    assert fused["source_checkpoint"].endswith("step_000004") and fused["bits"] == 4 and "eval" in fused
+    assert fused["source_checkpoint"].endswith("step_000006") and fused["bits"] == 4 and "eval" in fused
     assert "fused model:" in r.output and "report:" in r.output and (run / "report.html").is_file()
     before = (tmp_path / "fused" / "fused.json").read_bytes()
     r = CliRunner().invoke(main, ["run", "-c", str(cfg_path)])  # everything done: every stage skipped
     assert r.exit_code == 0, r.output
-    assert "already holds step_000004 at 4 bits, evaluated; skipping" in r.output
+    assert "already holds step_000006 at 4 bits, evaluated; skipping" in r.output
     assert (tmp_path / "fused" / "fused.json").read_bytes() == before
+
+
+def test_resumed_run_scores_the_checkpoints_a_crash_left_unscored(tmp_path, trained):
+    """Killed after the last checkpoint but before the end-of-training eval: --resume finds the
+    training complete and scores what waited, with the result the uninterrupted run gave."""
+    from mlx_ft.configfile import to_dict
+    from mlx_ft.train import train
+
+    src, _ = trained
+    run = tmp_path / "runs" / "tiny"
+    shutil.copytree(src.run_dir, run)
+    shutil.rmtree(run / "evals" / "step_000006")
+    cfg = load_config(None, {**to_dict(src), "runs_dir": str(tmp_path / "runs")})
+    run_json = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**run_json, "config": to_dict(cfg)}))  # the copy's own folder
+    logs = []
+    train(cfg, log=logs.append, resume=True)
+    assert "run already complete" in logs
+    assert any(line.startswith("step 6: train loss") and "| eval mini: score" in line for line in logs), logs
+    again = run / "evals" / "step_000006" / "mini.json"
+    assert texts(again) == texts(src.run_dir / "evals" / "step_000006" / "mini.json")
+    assert (run / "evals" / "base" / "mini.json").read_bytes() == (
+        src.run_dir / "evals" / "base" / "mini.json").read_bytes()  # the scored ones are left alone
