@@ -50,8 +50,9 @@ def import_gguf_cmd(gguf: Path, out: Path, dtype: str, force: bool, as_json: boo
 @click.option("--save-every", type=int, help="Write a checkpoint every N steps (and at the last step).")
 @click.option("--eval-suite", help="Eval suite YAML: scored in the loop with --eval, and checked against the data.")
 @click.option("--eval/--no-eval", "eval_during_training", default=None,
-              help="Score every checkpoint on --eval-suite as it is written, in the training process "
-                   "(config eval_during_training; results in RUN/evals/, as mlxft eval writes them).")
+              help="Score the base and every checkpoint on --eval-suite in the training process: together "
+                   "when training ends, or each as it is written when early_stop is set (config "
+                   "eval_during_training; results in RUN/evals/, as mlxft eval writes them).")
 @click.option("--mask-prompt/--no-mask-prompt", default=None, help="Train only on the answer (default on).")
 @click.option("--allow-truncation", is_flag=True, default=None,
               help="Train even if some answers would be cut by max_seq_length.")

@@ -12,10 +12,11 @@ The default model is SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI wh
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from mlx_ft.errors import ModelError, OutputExistsError
@@ -52,11 +53,13 @@ def resolve_model(model: str | None, dtype: str = DEFAULT_DTYPE, log: Callable[[
             return out
         from mlx_ft.gguf import import_gguf
 
-        log(f"importing the embedded default model into {out} (once)")
-        try:
-            import_gguf(default_gguf(), out, dtype=dtype, log=log)
-        except OutputExistsError:  # another process imported it meanwhile
-            pass
+        with _exclusive(out.with_name(f".{out.name}.lock")):  # two processes import it once, not twice
+            if not is_model_dir(out):
+                log(f"importing the embedded default model into {out} (once)")
+                try:
+                    import_gguf(default_gguf(), out, dtype=dtype, log=log)
+                except OutputExistsError:  # an mlxft without this lock imported it meanwhile
+                    pass
         return out
     path = Path(model).expanduser()
     if not path.exists() and REPO_ID.match(model):
@@ -70,6 +73,20 @@ def resolve_model(model: str | None, dtype: str = DEFAULT_DTYPE, log: Callable[[
     if not is_model_dir(path):
         raise ModelError(f"{path}: not an MLX model folder (needs config.json and *.safetensors)")
     return path
+
+
+@contextlib.contextmanager
+def _exclusive(lock: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``lock`` (created if missing); other processes wait."""
+    import fcntl
+
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")

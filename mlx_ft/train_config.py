@@ -86,7 +86,7 @@ class TrainConfig:
     grad_checkpoint: bool = False
     divergence_factor: float = 3.0  # stop when the recent loss mean exceeds this × the first
     eval_suite: str | None = None  # scored in the loop; also checked against the training data
-    eval_during_training: bool = False  # score every checkpoint on eval_suite as it is written
+    eval_during_training: bool = False  # score base + checkpoints on eval_suite in the training process
     early_stop: EarlyStop = field(default_factory=EarlyStop)
     pick: PickStage = field(default_factory=PickStage)  # mlxft run only
     fuse: FuseStage = field(default_factory=FuseStage)  # mlxft run only

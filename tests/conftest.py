@@ -10,7 +10,21 @@ from pathlib import Path
 
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    # Parallel workers share the cores: one BLAS thread each, or their OpenBLAS threads (which spin while
+    # they wait for work) crowd each other out. Set before mlx is first imported, inherited by children.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: a worker per core, at most 4, and no more than 6 GiB of memory each (a worker's
+    real model, batch KV caches and server children)."""
+    import psutil
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, 4, int(psutil.virtual_memory().total / 2**30 // 6)))
 SUITE = ROOT / "evals" / "tools.yaml"
 DATA = ROOT / "data" / "tools"
 

@@ -143,7 +143,7 @@ def test_fused_eval_beside_adapter(tmp_path, fused, source):
     from mlx_ft.selection import mcnemar_exact
     from mlx_ft.targets import single_target
 
-    suite = load_suite(small_suite(tmp_path))
+    suite = load_suite(small_suite(tmp_path, n=3, max_tokens=16))  # the shared run's in-loop suite: its result is reused
     out = fused[8]["out"]
     cmp = compare_with_adapter(out, source[0], suite)
     fused_rec = json.loads((out / "evals" / "mini.json").read_text())

@@ -111,3 +111,32 @@ def test_eval_fuse_and_doctor_take_a_repo_id(cached, no_network, tmp_path):
     assert found["present"] and found["path"] == str(snap.resolve()) and found["size_bytes"] > 0
     missing = paths_report("test-org/absent", None)["model"]
     assert not missing["present"] and "huggingface-cli download test-org/absent" in missing["why"]
+
+
+def test_two_processes_wanting_the_embedded_model_import_it_once(tmp_path, monkeypatch):
+    """Two mlxft processes (or two test workers) starting on a fresh machine: one imports, the other
+    waits for it and uses that import (no second import, no folder replaced under the first's feet)."""
+    import threading
+    import time
+
+    from mlx_ft import gguf, models
+
+    monkeypatch.setenv("MLXFT_HOME", str(tmp_path))
+    monkeypatch.setattr(models, "default_gguf", lambda: tmp_path / "x.gguf")
+    imports = []
+
+    def slow_import(src, out, dtype, log):
+        imports.append(out)
+        time.sleep(0.3)  # long enough for the other caller to arrive while this one imports
+        out.mkdir(parents=True)
+        (out / "config.json").write_text("{}")
+        (out / "model.safetensors").write_bytes(b"x")
+
+    monkeypatch.setattr(gguf, "import_gguf", slow_import)
+    got = []
+    threads = [threading.Thread(target=lambda: got.append(resolve_model(None))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(imports) == 1 and got == [imports[0]] * 2
