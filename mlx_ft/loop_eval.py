@@ -102,10 +102,13 @@ class LoopEval:
             model.train()
         self.eval_seconds += time.perf_counter() - t0
         for r in sorted(records, key=lambda r: r["target"]["step"] or 0):
-            s = r["summary"]
-            self.history.append((r["target"]["step"] or 0,
-                                 s["score"] if self.early_stop.metric == "score" else s["pass_rate"]))
+            self.history.append((r["target"]["step"] or 0, self._metric(r)))
         return records
+
+    def _metric(self, record: dict) -> float:
+        """What early stop compares: the eval score, or the strict pass rate."""
+        s = record["summary"]
+        return s["score"] if self.early_stop.metric == "score" else s["pass_rate"]
 
     def restore(self, up_to_step: int, base: dict) -> None:
         """On --resume: the scores of the base (``base``: run.json's) and the checkpoints already
@@ -118,10 +121,7 @@ class LoopEval:
         for target, train_loss in found:
             path = target.result_path(self.suite.name)
             if path.is_file():
-                rec = read_json(path)
-                s = rec["summary"]
-                self.history.append((target.step or 0,
-                                     s["score"] if self.early_stop.metric == "score" else s["pass_rate"]))
+                self.history.append((target.step or 0, self._metric(read_json(path))))
             elif self.deferred:
                 self.pending.append(_Pending(target, train_loss))
 
