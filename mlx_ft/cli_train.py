@@ -77,6 +77,7 @@ def train(config_path, seeds, smoke, smoke_steps, resume, force, ranks, hostfile
     training: NaN/divergence guard. Output: RUNS_DIR/NAME/{run.json, metrics.jsonl,
     checkpoints/step_NNNNNN/}.
     """
+    from mlx_ft import smoke as smokemod
     from mlx_ft import train as trainmod
     from mlx_ft.errors import UserError
 
@@ -89,7 +90,7 @@ def train(config_path, seeds, smoke, smoke_steps, resume, force, ranks, hostfile
         overrides["allow_truncation"] = True
     cfg = trainmod.load_config(config_path, overrides)
     if smoke:
-        result = trainmod.smoke(cfg, smoke_steps, log)
+        result = smokemod.smoke(cfg, smoke_steps, log)
         emit(result, as_json, f"smoke test passed: loss {result['loss_first']} -> {result['loss_last']} "
                               f"over {result['steps']} steps")
         return

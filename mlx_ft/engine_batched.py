@@ -1,4 +1,4 @@
-"""The ``batched`` engine: every target of one base model in one in-process batch (batched.py).
+"""The ``batched`` engine: every target of one base model in one in-process batch (batched.py, batch_decode.py).
 
 The base is loaded once; each adapter target gets a slot, and every (target, prompt) request is a
 row of mlx-lm's BatchGenerator routed to its slot. Greedy only. A model already in memory (the
@@ -14,7 +14,7 @@ from pathlib import Path
 from mlx_lm.generate import TextStateMachine
 from mlx_lm.utils import load
 
-from mlx_ft import batched, doctor
+from mlx_ft import batch_decode, batched, doctor
 from mlx_ft.engines import Reply, Request
 from mlx_ft.errors import UserError
 
@@ -85,9 +85,9 @@ class BatchedEngine:
 
     def probe(self, targets: list) -> dict[str, dict]:
         """Every target's probe, one row per slot, all in one batch through the same routing."""
-        rows = batched.probe_rows(self.tokenizer, {self.slot[t.name]: t.fingerprint for t in targets})
-        done = {d.key: d for d in batched.decode(self.multi, self.tokenizer, rows, wave=len(rows))}
-        return {t.name: batched.check_probe(t.name, t.fingerprint, done[self.slot[t.name]]) for t in targets}
+        rows = batch_decode.probe_rows(self.tokenizer, {self.slot[t.name]: t.fingerprint for t in targets})
+        done = {d.key: d for d in batch_decode.decode(self.multi, self.tokenizer, rows, wave=len(rows))}
+        return {t.name: batch_decode.check_probe(t.name, t.fingerprint, done[self.slot[t.name]]) for t in targets}
 
     def generate(self, requests: list[Request]) -> Iterator[tuple[Request, Reply]]:
         gen = self.suite.generation
@@ -95,28 +95,28 @@ class BatchedEngine:
         for r in requests:
             if r.prompt.id not in tokens:
                 tokens[r.prompt.id] = render(self.tokenizer, self.suite, r.prompt)
-        rows = [batched.Row(self.slot[r.target.name], i, tokens[r.prompt.id], gen.max_tokens)
+        rows = [batch_decode.Row(self.slot[r.target.name], i, tokens[r.prompt.id], gen.max_tokens)
                 for i, r in enumerate(requests)]
         if not rows:
             return
         shared, wave = self._shared_prefix(rows)
         self.stats = {"rows": len(rows), "ceiling_gflops": measure_ceiling()}
-        for d in batched.decode(self.multi, self.tokenizer, rows, stop_words=gen.stop_sequences, wave=wave,
+        for d in batch_decode.decode(self.multi, self.tokenizer, rows, stop_words=gen.stop_sequences, wave=wave,
                                 shared=shared, stats=self.stats):
-            text = batched.reply_text(self.tokenizer, self.text_sm, d.token_ids, d.finish_reason)
+            text = batch_decode.reply_text(self.tokenizer, self.text_sm, d.token_ids, d.finish_reason)
             yield requests[d.key], Reply(text, d.finish_reason, len(d.token_ids) + (d.finish_reason == "stop"),
                                          d.prompt_tokens, d.seconds)
         self.stats["ceiling_gflops"] = max(self.stats["ceiling_gflops"], measure_ceiling())
         self.log(summary(self.stats, self.params))
 
-    def _shared_prefix(self, rows: list[batched.Row]) -> tuple[dict, int]:
+    def _shared_prefix(self, rows: list[batch_decode.Row]) -> tuple[dict, int]:
         """The rows' common prompt prefix (the system prompt), prefilled once per slot, and the
         wave size that lets the KV cache fit in memory."""
-        n = batched.common_prefix([r.tokens for r in rows])
+        n = batch_decode.common_prefix([r.tokens for r in rows])
         slots = sorted({r.slot for r in rows})
         shared = {s: (n, self.multi.prefill(s, rows[0].tokens[:n])) for s in slots}
         longest = max(len(r.tokens) for r in rows) + max(r.max_tokens for r in rows)
-        wave = batched.wave_size(shared[slots[0]][1], longest, self.wave)
+        wave = batch_decode.wave_size(shared[slots[0]][1], longest, self.wave)
         self.log(f"batched engine: {len(rows)} prompts of {len(slots)} target(s) in waves of up to {wave} rows; "
                  f"shared prompt prefix {n} tokens, prefilled once per target")
         return shared, wave

@@ -303,7 +303,7 @@ def eval_view(out: Path, kernels: str):
     """The folder to serve for the fused eval.
 
     'quantized': the fused folder itself. 'dequantized': a temporary float32 copy of the *quantized*
-    weights (the same values, dequantized exactly), served with fast float kernels and deleted
+    weights (the same values, dequantized exactly in float32), served with fast float kernels and deleted
     afterwards. 'auto' picks dequantized where quantized kernels are slow (CPU)."""
     import shutil
     import tempfile
@@ -323,8 +323,8 @@ def eval_view(out: Path, kernels: str):
     tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}-", dir=home() / "eval-views"))
     try:
         model, tok, config = load(str(out), return_config=True)
+        model.set_dtype(mx.float32)  # scales and biases first: dequantized in float32, as the kernels do
         model = dequantize_model(model)
-        model.set_dtype(mx.float32)
         config.pop("quantization", None)
         config.pop("quantization_config", None)
         save(tmp, out, model, tok, config, donate_model=True)

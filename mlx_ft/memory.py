@@ -6,7 +6,7 @@ the safetensors *headers* only. The estimates are deliberately simple sums (weig
 optimizer state + activations or KV cache + logits), each part reported, so a user can see which
 knob (batch size, sequence length, eval rows) moves it. They are estimates: set
 ``MLXFT_SKIP_MEMORY_CHECK=1`` to try anyway. The batched engine also sizes each wave to the memory
-free at that moment (batched.wave_size); this check is the up-front, whole-stage one.
+free at that moment (batch_decode.wave_size); this check is the up-front, whole-stage one.
 """
 
 from __future__ import annotations

@@ -98,13 +98,13 @@ def main() -> None:
     q = mx.random.normal((rows, heads, 1, dim))
     k, v = mx.random.normal((rows, kv, a.cache, dim)), mx.random.normal((rows, kv, a.cache, dim))
     mx.eval(g, u, q, k, v)
-    print("not matmuls, per step (every layer):")
-    print(f"  SiLU-gated MLP activation (mlx-lm swiglu) x {layers}: {best_ms(lambda: [swiglu(g, u) for _ in range(layers)]):.0f} ms")
-    print(f"  exp alone over the same arrays x {layers}:          {best_ms(lambda: [mx.exp(g) for _ in range(layers)]):.0f} ms")
-    print(f"  a multiply over the same arrays x {layers}:         {best_ms(lambda: [g * u for _ in range(layers)]):.0f} ms")
     sdpa = mx.fast.scaled_dot_product_attention
-    print(f"  attention (mx.fast sdpa, GQA) x {layers}:           "
-          f"{best_ms(lambda: [sdpa(q, k, v, scale=dim ** -0.5) for _ in range(layers)]):.0f} ms")
+    print("not matmuls, per step (every layer):")
+    for what, f in (("SiLU-gated MLP activation (mlx-lm swiglu)", lambda: swiglu(g, u)),
+                    ("exp alone over the same arrays", lambda: mx.exp(g)),
+                    ("a multiply over the same arrays", lambda: g * u),
+                    ("attention (mx.fast sdpa, GQA)", lambda: sdpa(q, k, v, scale=dim ** -0.5))):
+        print(f"  {what} x {layers}: {best_ms(lambda f=f: [f() for _ in range(layers)]):.0f} ms")
 
 
 if __name__ == "__main__":

@@ -84,9 +84,9 @@ def _greedy_reference(model, tok, prompt: list[int]) -> list[int]:
 
 
 def _batched(engine, tok, rows) -> dict:
-    from mlx_ft import batched
+    from mlx_ft import batch_decode
 
-    return {d.key: d.token_ids for d in batched.decode(engine, tok, rows)}
+    return {d.key: d.token_ids for d in batch_decode.decode(engine, tok, rows)}
 
 
 def _logprobs(model, tokens, start):
@@ -102,7 +102,7 @@ def test_train_eval_fuse(arch, bits, tmp_path, data, embedded_model):
     from mlx_lm import load
     from mlx_lm.utils import load_model, quantize_model
 
-    from mlx_ft import batched
+    from mlx_ft import batch_decode, batched
     from mlx_ft.fuse import fuse
     from mlx_ft.train import load_config, train
 
@@ -130,7 +130,7 @@ def test_train_eval_fuse(arch, bits, tmp_path, data, embedded_model):
             for i, p in enumerate(prompts)}
     model = load_model(base)[0]
     engine = batched.MultiAdapterModel(model, [None, batched.read_adapter(ckpt, model)])
-    rows = [batched.Row(slot, (slot, i), p, MAX_TOKENS) for i, p in enumerate(prompts) for slot in (1, 0)]
+    rows = [batch_decode.Row(slot, (slot, i), p, MAX_TOKENS) for i, p in enumerate(prompts) for slot in (1, 0)]
     got = _batched(engine, tok, rows)
     assert got == want
     assert any(want[(0, i)] != want[(1, i)] for i in range(len(prompts))), "the adapter changes nothing"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_ft import batched
+from mlx_ft import batch_decode, batched
 from mlx_ft.errors import EvalError, WrongModelError
 
 from .conftest import small_suite
@@ -36,7 +36,7 @@ def test_row_slots_follow_the_batch_protocol():
     ([], 0),
 ])
 def test_common_prefix_leaves_every_row_a_token(seqs, n):
-    assert batched.common_prefix(seqs) == n
+    assert batch_decode.common_prefix(seqs) == n
 
 
 def _tamper(src: Path, dst: Path, edit) -> Path:

@@ -10,7 +10,8 @@ import pytest
 
 from mlx_ft.runs import complete_checkpoints
 from mlx_ft.errors import ConfigError, TrainingError, UserError
-from mlx_ft.train import Guard, load_config, smoke, train
+from mlx_ft.smoke import smoke
+from mlx_ft.train import Guard, load_config, train
 
 from .conftest import write_jsonl
 

@@ -28,7 +28,7 @@ def xml_model(tmp_path_factory, embedded_model):
 def test_the_xml_model_is_scored_with_its_own_parser_on_its_raw_text(tmp_path, xml_model):
     from mlx_lm.utils import load_tokenizer
 
-    from mlx_ft.batched import reply_text
+    from mlx_ft.batch_decode import reply_text
     from mlx_ft.engine_batched import raw_text_machine
     from mlx_ft.evaluate import bind
     from mlx_ft.scoring import score
