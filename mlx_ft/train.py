@@ -317,11 +317,17 @@ def _run_loop(session: TrainingSession, summary: dict, train_set) -> None:
             summary["eval_seconds_in_loop"] = round(session.loop_eval.eval_seconds, 2)
         if session.rank == 0:
             write_json(runs.run_json(run_dir), summary)
-    if session.loop_eval and session.loop_eval.pending:  # training is complete: score what waited for it
-        for line in session.loop_eval.finish(session.prep.model, session.prep.tokenizer):
-            session.log(line)
-        summary["eval_seconds_in_loop"] = round(session.loop_eval.eval_seconds, 2)
-        write_json(runs.run_json(run_dir), summary)
+    _finish_loop_eval(session, summary)
+
+
+def _finish_loop_eval(session: TrainingSession, summary: dict) -> None:
+    """Training is complete: score the targets that waited for it (loop_eval.py), in one batch."""
+    if not (session.loop_eval and session.loop_eval.pending):
+        return
+    for line in session.loop_eval.finish(session.prep.model, session.prep.tokenizer):
+        session.log(line)
+    summary["eval_seconds_in_loop"] = round(session.loop_eval.eval_seconds, 2)
+    write_json(runs.run_json(session.cfg.run_dir), summary)
 
 
 def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None, resume: bool = False,
@@ -349,13 +355,13 @@ def train(cfg: TrainConfig, log: Callable[[str], None] = lambda s: None, resume:
                               val_set=CacheDataset(ChatDataset(prep.splits["valid"], tok, mask_prompt=cfg.mask_prompt)))
     if previous:
         _restore(session, previous[-1])
+        done = read_json(runs.run_json(cfg.run_dir))
         if session.loop_eval:
-            session.loop_eval.restore(session.start_step, read_json(runs.run_json(cfg.run_dir))["base"])
-        if session.start_step >= cfg.iters or read_json(runs.run_json(cfg.run_dir)).get("early_stop"):
+            session.loop_eval.restore(session.start_step, done["base"])
+        if session.start_step >= cfg.iters or done.get("early_stop"):
             log("run already complete")
-            for line in session.loop_eval.finish(prep.model, tok) if session.loop_eval else []:
-                log(line)
-            return read_json(runs.run_json(cfg.run_dir))
+            _finish_loop_eval(session, done)  # what a crash after the last step left unscored
+            return done
     summary = read_json(runs.run_json(cfg.run_dir)) if resume else _begin(session, force, worker)
     _run_loop(session, summary, CacheDataset(ChatDataset(prep.splits["train"], tok, mask_prompt=cfg.mask_prompt)))
     _check_learned(session, summary)
