@@ -43,18 +43,17 @@ class _Pending:
 
 
 class LoopEval:
-    def __init__(self, suite, run_dir: Path, model_path: Path, early_stop: EarlyStop, *, wave: int = 256,
+    def __init__(self, suite, run_dir: Path, model_path: Path, early_stop: EarlyStop, model, *, wave: int = 256,
                  log: Callable[[str], None] = lambda s: None):
+        """``model``: the model being trained, its adapter layers in place."""
         self.suite, self.run_dir, self.model_path = suite, Path(run_dir), Path(model_path)
         self.early_stop, self.wave, self.log = early_stop, wave, log
         self.history: list[tuple[int, float]] = []  # (step, metric) of every scored target, base first
         self.pending: list[_Pending] = []
         self.eval_seconds = 0.0
-
-    @property
-    def deferred(self) -> bool:
-        """Targets wait for the end of training (nothing decides on their score before then)."""
-        return not self.early_stop.patience
+        # targets wait for the end of training when nothing decides on their score before then, and the
+        # batched engine can give their adapters slots
+        self.deferred = not early_stop.patience and _adapts_lora_only(model)
 
     def target(self, step: int, fingerprint: dict | None, val_loss: float | None) -> Target:
         name = runs.BASE if step == 0 else runs.checkpoint_name(step)
@@ -66,7 +65,7 @@ class LoopEval:
         """Score (or queue) the base (step 0) or the checkpoint of ``step`` just written; the
         progress line to show for it."""
         target = self.target(step, fingerprint, val_loss)
-        if self.deferred and _adapts_lora_only(model):
+        if self.deferred:
             self.pending.append(_Pending(target, train_loss))
             return f"{_losses(step, train_loss, val_loss)} | eval: queued, scored with the others when training ends"
         [record] = self._score(model, tokenizer, [target], live=True)

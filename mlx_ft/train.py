@@ -227,7 +227,7 @@ def _check_start(cfg: TrainConfig, resume: bool, force: bool, worker: bool) -> l
 def _loop_eval(cfg: TrainConfig, prep: Prepared, log: Callable[[str], None]) -> LoopEval | None:
     if not (cfg.eval_during_training and cfg.eval_suite):
         return None
-    return LoopEval(load_suite(cfg.eval_suite), cfg.run_dir, prep.model_path, cfg.early_stop, log=log)
+    return LoopEval(load_suite(cfg.eval_suite), cfg.run_dir, prep.model_path, cfg.early_stop, prep.model, log=log)
 
 
 def _begin(session: TrainingSession, force: bool, worker: bool) -> dict:
